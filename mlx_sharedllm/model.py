@@ -1,0 +1,264 @@
+"""The SharedLLM stack: a lower LLaMA that compresses, an upper LLaMA that reads.
+
+Parameter names follow the released PyTorch code: `model.*` is the upper model,
+`encoder.*` the lower one, `lm_head` the output head.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models import llama
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import KVCache
+from mlx_lm.models.rope_utils import initialize_rope
+
+from .config import SharedLLMConfig, check_chunk_len, head_dim
+from .tree import ContextTree, SegmentPlan, chunk_positions, downsample_index, pick_halves
+from .tree import plan_segments
+
+logger = logging.getLogger(__name__)
+
+
+def make_rope(args: llama.ModelArgs) -> nn.Module:
+    return initialize_rope(
+        head_dim(args),
+        args.rope_theta,
+        args.rope_traditional,
+        args.rope_scaling,
+        args.max_position_embeddings,
+    )
+
+
+def rotate_at(x: mx.array, rope: nn.Module, positions: mx.array | int) -> mx.array:
+    """Rotate every vector of x (B, heads, L, D) to one position per batch row."""
+    b, h, length, d = x.shape
+    return rope(x.reshape(b, h * length, 1, d), offset=positions).reshape(b, h, length, d)
+
+
+class Injection(nn.Module):
+    """Cross-attention from the upper model's hidden states over the context tree.
+
+    There is no k/v projection: the lower model's own keys and values are read.
+    """
+
+    def __init__(self, args: llama.ModelArgs):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.scale = head_dim(args) ** -0.5
+        dim, inner = args.hidden_size, self.n_heads * head_dim(args)
+        self.layernorm = nn.RMSNorm(dim, eps=args.rms_norm_eps)
+        self.q_proj = nn.Linear(dim, inner, bias=False)
+        self.o_proj = nn.Linear(inner, dim, bias=False)
+        self.rope = make_rope(args)
+
+    def __call__(self, x: mx.array, keys: mx.array, values: mx.array, position: int) -> mx.array:
+        b, length, _ = x.shape
+        q = self.q_proj(self.layernorm(x)).reshape(b, length, self.n_heads, -1)
+        q = rotate_at(q.transpose(0, 2, 1, 3), self.rope, position)
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale)
+        return x + self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
+
+
+class DecoderLayer(llama.TransformerBlock):
+    """A LLaMA block with an optional injection between self-attention and the MLP."""
+
+    def __init__(self, args: llama.ModelArgs, inject: bool):
+        super().__init__(args)
+        if inject:
+            self.cross_attn = Injection(args)
+
+    def __call__(self, x, mask=None, cache=None, tree_kv=None, position: int = 0) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        if tree_kv is not None:
+            h = self.cross_attn(h, *tree_kv, position)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class UpperModel(nn.Module):
+    def __init__(self, args: llama.ModelArgs, num_injection_layers: int):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [
+            DecoderLayer(args, inject=i < num_injection_layers)
+            for i in range(args.num_hidden_layers)
+        ]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, inputs: mx.array, tree: ContextTree | None, cache: list) -> mx.array:
+        h = self.embed_tokens(inputs)
+        mask = create_attention_mask(h, cache[0])
+        for i, (layer, c) in enumerate(zip(self.layers, cache)):
+            tree_kv = tree.layer(i) if tree is not None and i < len(tree.keys) else None
+            h = layer(h, mask, c, tree_kv, tree.query_position if tree else 0)
+        return self.norm(h)
+
+
+class SharedLLM(nn.Module):
+    """The stacked model. `compress` builds a ContextTree; calling the model decodes."""
+
+    def __init__(self, config: SharedLLMConfig):
+        super().__init__()
+        self.config = config
+        self.args = config.upper
+        self.model = UpperModel(config.upper, config.num_injection_layers)
+        self.encoder = llama.LlamaModel(config.lower)
+        if not config.upper.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.upper.hidden_size, config.upper.vocab_size, bias=False)
+        self.chunk_rope = make_rope(config.upper)
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.model.layers
+
+    def __call__(
+        self,
+        inputs: mx.array,
+        tree: ContextTree | None = None,
+        cache: list | None = None,
+    ) -> mx.array:
+        """Logits (B, L, vocab) for `inputs` (B, L), reading `tree` in the injection layers."""
+        h = self.model(inputs, tree, cache or [None] * len(self.layers))
+        if self.config.upper.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def make_cache(self) -> list[KVCache]:
+        """A fresh KV cache for the upper model's self-attention."""
+        return [KVCache() for _ in self.layers]
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        if self.config.upper.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        return weights
+
+    # -- compression ---------------------------------------------------------------
+
+    def compress(self, context: Any, query: Any) -> ContextTree:
+        """Compress `context` into a context tree, guided by the running text `query`.
+
+        `context` is (n, chunk_len) token ids, or a 1-D array that is cut into
+        `config.chunk_len` chunks; its trailing `len % chunk_len` tokens are not
+        compressed and are returned in `tree.remainder`, for the caller to put in
+        the running text. `query` is the (L,) or (1, L) running text.
+        """
+        chunks, remainder = self._as_chunks(context)
+        n, chunk_len = chunks.shape
+        check_chunk_len(chunk_len, self.config.tree_depth)
+        plan = plan_segments(
+            n, chunk_len, self.config.tree_depth, self.config.layout, self._chooser(chunks, query)
+        )
+        keys, values = self._encode_plan(chunks, plan)
+        entries = keys[0].shape[2]
+        key_pos, query_pos = chunk_positions(n, entries, self.config.layout)
+        flat = [self._flatten(rotate_at(k, self.chunk_rope, mx.array(key_pos))) for k in keys]
+        return ContextTree(
+            keys=flat,
+            values=[self._flatten(v) for v in values],
+            n_chunks=n,
+            entries_per_chunk=entries,
+            query_position=int(query_pos),
+            remainder=remainder,
+        )
+
+    def _as_chunks(self, context: Any) -> tuple[mx.array, mx.array | None]:
+        context = mx.array(context) if not isinstance(context, mx.array) else context
+        if context.ndim == 2:
+            return context, None
+        if context.ndim != 1:
+            raise ValueError(f"context must be 1-D or (n, chunk_len), got shape {context.shape}")
+        chunk_len = self.config.chunk_len
+        n = context.shape[0] // chunk_len
+        if n == 0:
+            raise ValueError(
+                f"context has {context.shape[0]} tokens, fewer than one chunk ({chunk_len})"
+            )
+        rest = context.shape[0] - n * chunk_len
+        if rest:
+            logger.info("compressing %d chunks; the last %d tokens are left in tree.remainder",
+                        n, rest)
+        return context[: n * chunk_len].reshape(n, chunk_len), context[n * chunk_len:]
+
+    def _chooser(self, chunks: mx.array, query: Any):
+        if self.config.policy == "right":
+            return lambda node, half: np.ones(len(node), dtype=np.int64)
+        query = mx.array(query).reshape(1, -1)
+        q_vec = _unit(self._layer0_state(self.model, query))[0]
+
+        def choose(node: np.ndarray, half: int) -> np.ndarray:
+            scores = []
+            for idx in self._batches(len(node)):
+                halves = [_gather(chunks, idx, node[idx] + side * half, half) for side in (0, 1)]
+                vecs = _unit(self._layer0_state(self.encoder, mx.concatenate(halves)))
+                scores.append((vecs @ q_vec).reshape(2, -1))
+            scores = np.array(mx.concatenate(scores, axis=1))
+            return pick_halves(scores[0], scores[1], self.config.layout)
+
+        return choose
+
+    def _layer0_state(self, model: nn.Module, tokens: mx.array) -> mx.array:
+        """The policy's vector: embedding, the whole layer 0, final norm, last token."""
+        h = model.layers[0](model.embed_tokens(tokens), mask="causal")
+        return model.norm(h[:, -1])
+
+    def _encode_plan(self, chunks: mx.array, plan: SegmentPlan):
+        """Encode every planned segment with the lower model and downsample it.
+
+        Returns per layer keys and values of shape (n, kv_heads, T, head_dim), with the
+        slot's segments joined along the sequence in plan order.
+        """
+        m = self.config.num_injection_layers
+        keys, values = [[] for _ in range(m)], [[] for _ in range(m)]
+        for idx in self._batches(plan.source.shape[0]):
+            parts = [
+                self._encode(_gather(chunks, plan.source[idx, s], plan.start[idx, s], length))
+                for s, length in enumerate(plan.lengths)
+            ]
+            for i in range(m):
+                keys[i].append(mx.concatenate([p[i][0] for p in parts], axis=2))
+                values[i].append(mx.concatenate([p[i][1] for p in parts], axis=2))
+            mx.eval(keys, values)
+        return [mx.concatenate(k) for k in keys], [mx.concatenate(v) for v in values]
+
+    def _encode(self, tokens: mx.array) -> list[tuple[mx.array, mx.array]]:
+        """Run the lower model on (B, len) segments; per layer, downsampled (keys, values)."""
+        captures = [_Capture() for _ in self.encoder.layers]
+        h = self.encoder.embed_tokens(tokens)
+        for layer, capture in zip(self.encoder.layers, captures):
+            h = layer(h, mask="causal", cache=capture)
+        keep = mx.array(downsample_index(tokens.shape[1], self.config.last_p))
+        return [(c.keys[:, :, keep], c.values[:, :, keep]) for c in captures]
+
+    def _batches(self, n: int) -> list[np.ndarray]:
+        size = self.config.compress_batch
+        return [np.arange(i, min(i + size, n)) for i in range(0, n, size)]
+
+    @staticmethod
+    def _flatten(x: mx.array) -> mx.array:
+        n, kv, t, d = x.shape
+        return x.transpose(1, 0, 2, 3).reshape(1, kv, n * t, d)
+
+
+class _Capture:
+    """Takes a KV cache's place in a lower layer, to keep its rotated keys and values."""
+
+    offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.keys, self.values = keys, values
+        return keys, values
+
+
+def _gather(chunks: mx.array, rows: np.ndarray, starts: np.ndarray, length: int) -> mx.array:
+    """Tokens chunks[rows[b], starts[b] : starts[b] + length] for every b."""
+    cols = mx.array(starts)[:, None] + mx.arange(length)[None]
+    return mx.take_along_axis(chunks[mx.array(rows)], cols, axis=1)
+
+
+def _unit(x: mx.array, eps: float = 1e-6) -> mx.array:
+    norm = mx.linalg.norm(x.astype(mx.float32), axis=-1, keepdims=True)
+    return x.astype(mx.float32) / mx.maximum(norm, eps)

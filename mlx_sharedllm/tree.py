@@ -1,0 +1,129 @@
+"""The context tree: which segments of each chunk are kept, and the tree itself.
+
+Planning works on token offsets only (cheap numpy); the model runs the encoder on
+the planned segments. See SPEC section 3 for the algorithm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+# chooser(node_start, half) -> (n,) ints, 0 keeps the left half and 1 the right.
+HalfChooser = Callable[[np.ndarray, int], np.ndarray]
+
+
+def keep_count(length: int, last_p: int | float) -> int:
+    """Tokens to keep from a segment of `length`: an int > 0 keeps that many, a float
+    keeps `int(length * last_p)`, an int <= 0 keeps all."""
+    if isinstance(last_p, float):
+        return int(length * last_p)
+    return last_p if last_p > 0 else length
+
+
+def downsample_index(length: int, last_p: int | float) -> np.ndarray:
+    """Positions kept by downsampling: every `length // t`-th token, from the first.
+
+    This keeps more than t positions when t does not divide `length`, as the
+    released code does. A keep count of 0, or one above `length`, keeps everything.
+    """
+    t = keep_count(length, last_p)
+    interval = max(1, length // max(1, t))
+    return np.arange(0, length, interval)
+
+
+def pick_halves(left: np.ndarray, right: np.ndarray, layout: str) -> np.ndarray:
+    """Which half each chunk keeps, from the (n,) similarity scores of its halves.
+
+    The paper compares a chunk's own halves. The released code (reference layout)
+    lays the scores out as [lefts..., rights...] and reads them back as rows of two,
+    so row j pairs scores from other chunks. Ties keep the first (left) entry.
+    """
+    if layout == "reference":
+        scores = np.concatenate([left, right]).reshape(-1, 2)
+    else:
+        scores = np.stack([left, right], axis=1)
+    return np.argmax(scores, axis=1)
+
+
+def leaf_rows(n: int, layout: str) -> tuple[np.ndarray, np.ndarray]:
+    """For each chunk slot, the two leaf rows it holds. Row r is side r % 2 of chunk r // 2.
+
+    The reference layout splits the 2n rows into halves and joins row j with row n + j.
+    """
+    if layout == "reference":
+        return np.arange(n), np.arange(n, 2 * n)
+    return np.arange(0, 2 * n, 2), np.arange(1, 2 * n, 2)
+
+
+@dataclass
+class SegmentPlan:
+    """The segments every chunk slot is built from, finest level first.
+
+    Segment s of slot j is `chunks[source[j, s], start[j, s] : start[j, s] + lengths[s]]`.
+    """
+
+    source: np.ndarray
+    start: np.ndarray
+    lengths: list[int]
+
+
+def plan_segments(
+    n: int, chunk_len: int, depth: int, layout: str, choose: HalfChooser
+) -> SegmentPlan:
+    """Walk the tree of every chunk at once, recording which segments are preserved."""
+    node, length = np.zeros(n, dtype=np.int64), chunk_len
+    preserved: list[tuple[np.ndarray, int]] = []
+    for _ in range(depth - 1):
+        half = length // 2
+        keep = np.asarray(choose(node, half), dtype=np.int64)
+        preserved.append((node + (1 - keep) * half, half))
+        node, length = node + keep * half, half
+    leaf = length // 2  # an odd last node loses its last token
+    rows = leaf_rows(n, layout)
+    sources = [r // 2 for r in rows] + [np.arange(n)] * len(preserved)
+    starts = [node[r // 2] + (r % 2) * leaf for r in rows]
+    starts += [start for start, _ in reversed(preserved)]
+    lengths = [leaf, leaf] + [half for _, half in reversed(preserved)]
+    return SegmentPlan(np.stack(sources, 1), np.stack(starts, 1), lengths)
+
+
+def chunk_positions(n: int, entries: int, layout: str) -> tuple[np.ndarray, int]:
+    """Chunk-level RoPE positions: (key position of each chunk, query position)."""
+    chunks = np.arange(n)
+    if layout == "reference":
+        # The released code indexes its cos/sin table twice, giving c // T and n + 1.
+        return chunks // entries, n + 1
+    return chunks, n
+
+
+@dataclass
+class ContextTree:
+    """Compressed key/value states of a long context, one entry list per injection layer.
+
+    `keys[i]` and `values[i]` have shape (1, kv_heads, n_chunks * entries_per_chunk,
+    head_dim), chunk-major; keys are already rotated to their chunk position.
+    `remainder` holds the trailing tokens that did not fill a chunk (not compressed).
+    """
+
+    keys: list[mx.array]
+    values: list[mx.array]
+    n_chunks: int
+    entries_per_chunk: int
+    query_position: int
+    remainder: mx.array | None = None
+
+    @property
+    def num_entries(self) -> int:
+        return self.n_chunks * self.entries_per_chunk
+
+    def layer(self, i: int) -> tuple[mx.array, mx.array]:
+        return self.keys[i], self.values[i]
+
+    def per_chunk(self, x: mx.array) -> mx.array:
+        """View a (1, kv, n*T, D) tree array as (n, kv, T, D)."""
+        _, kv, _, d = x.shape
+        return x.reshape(kv, self.n_chunks, self.entries_per_chunk, d).transpose(1, 0, 2, 3)
