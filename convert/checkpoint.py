@@ -59,13 +59,15 @@ def read_weights(src: Path, progress: bool = True) -> Iterator[tuple[str, mx.arr
         tensors = loader(path)
         for name, value in tensors.items():
             if weight_map is not None and weight_map.get(name) != path.name:
-                raise ConversionError(f"{path.name} holds {name}, which {index.name} puts "
-                                      f"in {weight_map.get(name)}")
+                raise ConversionError(
+                    f"{path.name} holds {name}, which {index.name} puts in {weight_map.get(name)}"
+                )
             yield name, value
 
 
-def collect_weights(src: Path, cfg, lower_layers: int, dtype: mx.Dtype | None,
-                    progress: bool = True) -> dict[str, mx.array]:
+def collect_weights(
+    src: Path, cfg, lower_layers: int, dtype: mx.Dtype | None, progress: bool = True
+) -> dict[str, mx.array]:
     """Read, check against the weight table, drop unused layers, cast."""
     kept, dropped = weight_table(cfg, lower_layers)
     weights: dict[str, mx.array] = {}

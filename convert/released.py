@@ -48,8 +48,10 @@ def _layer_table(prefix: str, args: LlamaArgs) -> dict[str, Shape]:
         "mlp.up_proj": ((inter, dim), args.mlp_bias),
         "mlp.down_proj": ((dim, inter), args.mlp_bias),
     }
-    table = {f"{prefix}.input_layernorm.weight": (dim,),
-             f"{prefix}.post_attention_layernorm.weight": (dim,)}
+    table = {
+        f"{prefix}.input_layernorm.weight": (dim,),
+        f"{prefix}.post_attention_layernorm.weight": (dim,),
+    }
     for name, (shape, bias) in linears.items():
         table[f"{prefix}.{name}.weight"] = shape
         if bias:
@@ -95,8 +97,10 @@ def weight_table(
     for i in range(m, lower_layers_stored):
         dropped.update(_layer_table(f"encoder.layers.{i}", low))
     # Older transformers versions saved the RoPE frequencies, which we recompute.
-    for prefix, args, count in (("model", up, up.num_hidden_layers),
-                                ("encoder", low, lower_layers_stored)):
+    for prefix, args, count in (
+        ("model", up, up.num_hidden_layers),
+        ("encoder", low, lower_layers_stored),
+    ):
         for i in range(count):
             dropped[f"{prefix}.layers.{i}.self_attn.rotary_emb.inv_freq"] = (head_dim(args) // 2,)
     return kept, dropped

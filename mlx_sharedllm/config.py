@@ -41,11 +41,12 @@ class SharedLLMConfig:
 
     `upper` is the decoder (all N layers run); `lower` is the compressor, of which only
     the first `num_injection_layers` (M) layers exist. Upper layers i < M read the
-    context tree through an injection block.
+    context tree through an injection block. `lower=None` stacks the model from one:
+    the compressor is the upper model's own bottom M layers (shared weights).
     """
 
     upper: LlamaArgs
-    lower: LlamaArgs
+    lower: LlamaArgs | None
     num_injection_layers: int
     tree_depth: int = 3
     last_p: int | float = 32
@@ -58,27 +59,32 @@ class SharedLLMConfig:
 
     def __post_init__(self) -> None:
         self.upper = _llama_args(self.upper)
-        self.lower = _llama_args(self.lower)
+        self.lower = None if self.lower is None else _llama_args(self.lower)
         self.last_p = parse_last_p(self.last_p)
         self._validate()
-        if self.lower.num_hidden_layers > self.num_injection_layers:
+        if self.lower is not None and self.lower.num_hidden_layers > self.num_injection_layers:
             # Nothing above layer M of the lower model ever runs.
             self.lower = dataclasses.replace(
                 self.lower, num_hidden_layers=self.num_injection_layers, layer_types=None
             )
 
+    @property
+    def stacked(self) -> bool:
+        """True when the lower model is the upper model's bottom layers."""
+        return self.lower is None
+
     def _validate(self) -> None:
-        m, up, low = self.num_injection_layers, self.upper, self.lower
+        m, up, low = self.num_injection_layers, self.upper, self.lower or self.upper
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if not 1 <= m <= up.num_hidden_layers:
-            raise ValueError(
-                f"num_injection_layers must be in 1..{up.num_hidden_layers}, got {m}"
-            )
+            raise ValueError(f"num_injection_layers must be in 1..{up.num_hidden_layers}, got {m}")
         if low.num_hidden_layers < m:
-            raise ValueError(f"the lower model has {low.num_hidden_layers} layers, fewer than M={m}")
+            raise ValueError(
+                f"the lower model has {low.num_hidden_layers} layers, fewer than M={m}"
+            )
         if self.tree_depth < 1:
             raise ValueError(f"tree_depth must be >= 1, got {self.tree_depth}")
         if self.compress_batch < 1:
@@ -104,7 +110,7 @@ class SharedLLMConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["upper"] = _args_dict(self.upper)
-        out["lower"] = _args_dict(self.lower)
+        out["lower"] = None if self.lower is None else _args_dict(self.lower)
         if out["quantization"] is None:
             del out["quantization"]
         return out

@@ -18,8 +18,14 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
 from .config import SharedLLMConfig, check_chunk_len, head_dim
-from .tree import ContextTree, SegmentPlan, chunk_positions, downsample_index, pick_halves
-from .tree import plan_segments
+from .tree import (
+    ContextTree,
+    SegmentPlan,
+    chunk_positions,
+    downsample_index,
+    pick_halves,
+    plan_segments,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +112,8 @@ class SharedLLM(nn.Module):
         self.config = config
         self.args = config.upper
         self.model = UpperModel(config.upper, config.num_injection_layers)
-        self.encoder = llama.LlamaModel(config.lower)
+        if not config.stacked:
+            self.encoder = llama.LlamaModel(config.lower)
         if not config.upper.tie_word_embeddings:
             self.lm_head = nn.Linear(config.upper.hidden_size, config.upper.vocab_size, bias=False)
         self.chunk_rope = make_rope(config.upper)
@@ -114,6 +121,11 @@ class SharedLLM(nn.Module):
     @property
     def layers(self) -> list[DecoderLayer]:
         return self.model.layers
+
+    @property
+    def lower(self) -> nn.Module:
+        """The compressor: its own model, or the upper model when stacked from one."""
+        return self.model if self.config.stacked else self.encoder
 
     def __call__(
         self,
@@ -179,9 +191,10 @@ class SharedLLM(nn.Module):
             )
         rest = context.shape[0] - n * chunk_len
         if rest:
-            logger.info("compressing %d chunks; the last %d tokens are left in tree.remainder",
-                        n, rest)
-        return context[: n * chunk_len].reshape(n, chunk_len), context[n * chunk_len:]
+            logger.info(
+                "compressing %d chunks; the last %d tokens are left in tree.remainder", n, rest
+            )
+        return context[: n * chunk_len].reshape(n, chunk_len), context[n * chunk_len :]
 
     def _chooser(self, chunks: mx.array, query: Any):
         if self.config.policy == "right":
@@ -193,7 +206,7 @@ class SharedLLM(nn.Module):
             scores = []
             for idx in self._batches(len(node)):
                 halves = [_gather(chunks, idx, node[idx] + side * half, half) for side in (0, 1)]
-                vecs = _unit(self._layer0_state(self.encoder, mx.concatenate(halves)))
+                vecs = _unit(self._layer0_state(self.lower, mx.concatenate(halves)))
                 scores.append((vecs @ q_vec).reshape(2, -1))
             scores = np.array(mx.concatenate(scores, axis=1))
             return pick_halves(scores[0], scores[1], self.config.layout)
@@ -226,9 +239,10 @@ class SharedLLM(nn.Module):
 
     def _encode(self, tokens: mx.array) -> list[tuple[mx.array, mx.array]]:
         """Run the lower model on (B, len) segments; per layer, downsampled (keys, values)."""
-        captures = [_Capture() for _ in self.encoder.layers]
-        h = self.encoder.embed_tokens(tokens)
-        for layer, capture in zip(self.encoder.layers, captures):
+        lower, m = self.lower, self.config.num_injection_layers
+        captures = [_Capture() for _ in range(m)]
+        h = lower.embed_tokens(tokens)
+        for layer, capture in zip(lower.layers[:m], captures):
             h = layer(h, mask="causal", cache=capture)
         keep = mx.array(downsample_index(tokens.shape[1], self.config.last_p))
         return [(c.keys[:, :, keep], c.values[:, :, keep]) for c in captures]

@@ -3,11 +3,11 @@
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import CASES, FIXTURES, assert_close
+
 from mlx_sharedllm import load
 from mlx_sharedllm.model import rotate_at
 from mlx_sharedllm.tree import chunk_positions
-
-from conftest import CASES, FIXTURES, assert_close
 
 ATOL = 1e-4
 
@@ -27,11 +27,13 @@ def _load(converted, case, layout):
 def _check_tree(model, tree, expected):
     key_pos, _ = chunk_positions(tree.n_chunks, tree.entries_per_chunk, model.config.layout)
     for i in range(model.config.num_injection_layers):
-        ref_keys = rotate_at(mx.array(expected[f"tree_keys_{i}"]), model.chunk_rope,
-                             mx.array(key_pos))
+        ref_keys = rotate_at(
+            mx.array(expected[f"tree_keys_{i}"]), model.chunk_rope, mx.array(key_pos)
+        )
         assert_close(tree.per_chunk(tree.keys[i]), ref_keys, ATOL, f"tree keys {i}")
-        assert_close(tree.per_chunk(tree.values[i]), expected[f"tree_values_{i}"], ATOL,
-                     f"tree values {i}")
+        assert_close(
+            tree.per_chunk(tree.values[i]), expected[f"tree_values_{i}"], ATOL, f"tree values {i}"
+        )
 
 
 @pytest.mark.parametrize("layout", ["reference", "paper"])
@@ -49,8 +51,7 @@ def test_prompt_and_extended_logits(converted, case, layout):
 
     text = mx.concatenate([prompt, mx.array(io["continuation_ids"])])
     logits = model(text[None], tree=tree)
-    assert_close(logits[0], expected["extended_logits"], ATOL,
-                 f"{case} {layout} extended_logits")
+    assert_close(logits[0], expected["extended_logits"], ATOL, f"{case} {layout} extended_logits")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -61,7 +62,7 @@ def test_incremental_decode_matches_extended_logits(converted, case):
     cache = model.make_cache()
     steps = [model(prompt[None], tree=tree, cache=cache)[0]]
     for token in io["continuation_ids"]:
-        steps.append(model(mx.array([[token]]), tree=tree, cache=cache)[0])
+        steps.append(model(mx.array([[int(token)]]), tree=tree, cache=cache)[0])
     assert_close(mx.concatenate(steps), io["extended_logits"], ATOL, f"{case} decode")
 
 

@@ -5,19 +5,35 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from mlx_sharedllm import SharedLLM, SharedLLMConfig
-from mlx_sharedllm.tree import downsample_index, keep_count, leaf_rows, pick_halves
-from mlx_sharedllm.tree import plan_segments
+from mlx_sharedllm.tree import downsample_index, keep_count, leaf_rows, pick_halves, plan_segments
 
 VOCAB = 97
 
 
 def tiny_model(seed: int = 0, **overrides) -> SharedLLM:
-    llama = dict(hidden_size=32, num_hidden_layers=3, intermediate_size=48,
-                 num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-                 vocab_size=VOCAB, tie_word_embeddings=False)
-    params = dict(upper=llama, lower=llama, num_injection_layers=2, tree_depth=3, last_p=4,
-                  chunk_len=32, policy="query", layout="paper", compress_batch=3)
+    llama = dict(
+        hidden_size=32,
+        num_hidden_layers=3,
+        intermediate_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        vocab_size=VOCAB,
+        tie_word_embeddings=False,
+    )
+    params = dict(
+        upper=llama,
+        lower=llama,
+        num_injection_layers=2,
+        tree_depth=3,
+        last_p=4,
+        chunk_len=32,
+        policy="query",
+        layout="paper",
+        compress_batch=3,
+    )
     mx.random.seed(seed)
     model = SharedLLM(SharedLLMConfig.from_dict({**params, **overrides}))
     mx.eval(model.parameters())
@@ -70,8 +86,9 @@ def test_plan_shapes_and_entry_counts(n, depth, leaf_node, last_p, seed):
     """Random n, chunk_len, depth, last_p: segment lengths per level and disjoint coverage."""
     chunk_len = leaf_node * 2 ** (depth - 1)
     rng = np.random.default_rng(seed)
-    plan = plan_segments(n, chunk_len, depth, "paper",
-                         lambda node, half: rng.integers(0, 2, len(node)))
+    plan = plan_segments(
+        n, chunk_len, depth, "paper", lambda node, half: rng.integers(0, 2, len(node))
+    )
     leaf = leaf_node // 2
     assert plan.lengths == [leaf, leaf] + [chunk_len >> d for d in range(depth - 1, 0, -1)]
     assert plan.source.shape == plan.start.shape == (n, depth + 1)
@@ -79,7 +96,7 @@ def test_plan_shapes_and_entry_counts(n, depth, leaf_node, last_p, seed):
         assert (plan.source[j] == j).all()
         covered = np.zeros(chunk_len, int)
         for start, length in zip(plan.start[j], plan.lengths):
-            covered[start:start + length] += 1
+            covered[start : start + length] += 1
         assert covered.max() == 1 and covered.sum() == chunk_len - leaf_node % 2
     model = tiny_model(last_p=last_p, tree_depth=depth, chunk_len=chunk_len)
     tree = model.compress(random_tokens((n, chunk_len), seed), random_tokens(5, seed + 1))
@@ -160,6 +177,5 @@ def test_injection_changes_only_layers_below_m_and_decoding_matches_prefill():
     assert np.abs(np.array(full) - np.array(model(text))).max() > 1e-3
     cache = model.make_cache()
     parts = [model(text[:, :4], tree=tree, cache=cache)]
-    parts += [model(text[:, i:i + 1], tree=tree, cache=cache) for i in range(4, 10)]
-    np.testing.assert_allclose(np.array(mx.concatenate(parts, axis=1)), np.array(full),
-                               atol=1e-5)
+    parts += [model(text[:, i : i + 1], tree=tree, cache=cache) for i in range(4, 10)]
+    np.testing.assert_allclose(np.array(mx.concatenate(parts, axis=1)), np.array(full), atol=1e-5)

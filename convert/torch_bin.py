@@ -1,0 +1,350 @@
+"""Read PyTorch ``torch.save`` zip checkpoints (``pytorch_model.bin``) without torch.
+
+The ``data.pkl`` inside is loaded by a restricted unpickler: the only globals it resolves are
+torch's tensor-rebuilding functions, storage classes and dtypes (plus ``OrderedDict``), each
+mapped to an inert stand-in defined here, so a malicious checkpoint cannot run code. Tensors
+are then copied out of the ``data/<key>`` storage records into ``mx.array``s.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import collections
+import io
+import json
+import math
+import pickle
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import mlx.core as mx
+import numpy as np
+
+__all__ = [
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "iter_torch_bin_files",
+    "load_sharded_bin",
+    "load_torch_bin",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable, malformed, or inconsistent with its index."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint's pickle references a global outside the tensor-loading whitelist."""
+
+
+# torch dtype name -> (numpy dtype of its bytes, mx dtype); numpy has no bfloat16, so its bits
+# are read as uint16 and reinterpreted
+_DTYPES: dict[str, tuple[type, mx.Dtype]] = {
+    "float32": (np.float32, mx.float32),
+    "float16": (np.float16, mx.float16),
+    "bfloat16": (np.uint16, mx.bfloat16),
+    "float64": (np.float64, mx.float64),
+    "int64": (np.int64, mx.int64),
+    "int32": (np.int32, mx.int32),
+    "int16": (np.int16, mx.int16),
+    "int8": (np.int8, mx.int8),
+    "uint8": (np.uint8, mx.uint8),
+    "uint16": (np.uint16, mx.uint16),
+    "uint32": (np.uint32, mx.uint32),
+    "uint64": (np.uint64, mx.uint64),
+    "bool": (np.bool_, mx.bool_),
+}
+
+# storage class -> element dtype; UntypedStorage holds raw bytes (torch 2.x writes it for
+# dtypes without a legacy storage class, e.g. uint16, via _rebuild_tensor_v3)
+_STORAGE_CLASSES = {
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "DoubleStorage": "float64",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "UntypedStorage": "uint8",
+}
+
+# torch < 1.6 wrote a bare pickle stream that starts by pickling this magic number
+_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+# what a malformed zip, pickle, or stand-in call can raise while loading
+_CORRUPT_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    NotImplementedError,
+    RecursionError,
+)
+
+
+# The stand-ins are NamedTuples: immutable and without __dict__ or __setstate__, so a pickle's
+# BUILD opcode cannot patch the shared whitelist objects between loads.
+
+
+class _StorageType(NamedTuple):
+    """Stand-in for a torch storage class such as ``torch.FloatStorage``."""
+
+    dtype: str
+
+
+class _DType(NamedTuple):
+    """Stand-in for a torch dtype such as ``torch.bfloat16``."""
+
+    name: str
+
+
+class _Storage(NamedTuple):
+    """The zip record ``data/<key>``, holding ``numel`` elements of ``dtype``."""
+
+    dtype: str
+    key: str
+    numel: int
+
+
+class _Tensor(NamedTuple):
+    """A strided view of ``dtype`` elements into a storage, as torch pickles a tensor."""
+
+    storage: _Storage
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: str
+
+
+class _Global(NamedTuple):
+    """Stand-in for a whitelisted torch function."""
+
+    fn: Callable[..., Any]
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
+def _rebuild_tensor(storage: _Storage, offset: int, size: Any, stride: Any, *_: Any) -> _Tensor:
+    # v1 passes exactly these; v2 adds requires_grad, backward_hooks, metadata: all irrelevant
+    return _Tensor(storage, offset, tuple(size), tuple(stride), storage.dtype)
+
+
+def _rebuild_tensor_v3(
+    storage: _Storage,
+    offset: int,
+    size: Any,
+    stride: Any,
+    _requires_grad: Any,
+    _backward_hooks: Any,
+    dtype: _DType,
+    *_: Any,
+) -> _Tensor:
+    # storage is an UntypedStorage of bytes; offset, size and stride count dtype elements
+    return _Tensor(storage, offset, tuple(size), tuple(stride), dtype.name)
+
+
+def _rebuild_parameter(data: _Tensor, *_: Any) -> _Tensor:
+    return data
+
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor"): _Global(_rebuild_tensor),
+    ("torch._utils", "_rebuild_tensor_v2"): _Global(_rebuild_tensor),
+    ("torch._utils", "_rebuild_tensor_v3"): _Global(_rebuild_tensor_v3),
+    ("torch._utils", "_rebuild_parameter"): _Global(_rebuild_parameter),
+    ("torch._utils", "_rebuild_parameter_with_state"): _Global(_rebuild_parameter),
+    # torch 2.x names storage classes under torch / torch.storage; GPU-saved 1.x files torch.cuda
+    **{
+        (module, cls): _StorageType(dtype)
+        for module in ("torch", "torch.storage", "torch.cuda")
+        for cls, dtype in _STORAGE_CLASSES.items()
+    },
+    **{("torch", name): _DType(name) for name in _DTYPES},
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only whitelisted globals, each to an inert stand-in."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        # protocol-2 pickles spell some globals the Python 2 way (__builtin__.eval); undo that as
+        # pickle's own find_class would, so the whitelist and error messages see the real name
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise UnsafeCheckpointError(
+                f"refusing to load global {module}.{name}: only torch tensor globals are allowed"
+            ) from None
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        match pid:
+            case ("storage", _StorageType(dtype), str(key), str(), int(numel)) if numel >= 0:
+                return _Storage(dtype, key, numel)
+        raise CheckpointError(f"unsupported persistent id {pid!r:.100}")
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    if zipfile.is_zipfile(path):
+        return zipfile.ZipFile(path)
+    with path.open("rb") as f:
+        head = f.read(32)
+    if _LEGACY_MAGIC in head:
+        raise CheckpointError(
+            "legacy (torch < 1.6) non-zip checkpoint is not supported; re-save it with newer torch"
+        )
+    raise CheckpointError("not a zip-format torch checkpoint (truncated or corrupt?)")
+
+
+def _record_prefix(zf: zipfile.ZipFile) -> str:
+    """The archive's top folder (torch names it after the file), which holds ``data.pkl``."""
+    prefixes = [
+        name.removesuffix("/data.pkl")
+        for name in zf.namelist()
+        if name.count("/") == 1 and name.endswith("/data.pkl")
+    ]
+    if len(prefixes) != 1:
+        raise CheckpointError(f"expected one <folder>/data.pkl in the zip, found {len(prefixes)}")
+    return prefixes[0]
+
+
+def _check_layout(name: str, t: _Tensor, storage_numel: int) -> None:
+    """Refuse layouts that would make ``as_strided`` read outside the storage."""
+    dims = (t.offset, *t.size, *t.stride)
+    if len(t.size) != len(t.stride) or not all(type(d) is int and d >= 0 for d in dims):
+        raise CheckpointError(f"tensor {name!r} has an invalid layout {t.size} / {t.stride}")
+    last = t.offset + sum((n - 1) * s for n, s in zip(t.size, t.stride, strict=True))
+    if math.prod(t.size) and last >= storage_numel:
+        raise CheckpointError(f"tensor {name!r} reaches past the end of its storage")
+
+
+class _Archive:
+    """An open torch zip checkpoint: unpickles ``data.pkl`` and reads storage records."""
+
+    def __init__(self, zf: zipfile.ZipFile) -> None:
+        self._zf = zf
+        self._prefix = _record_prefix(zf)
+        self._byteorder = self._read_byteorder()
+        self._records: dict[str, bytes] = {}
+
+    def load(self) -> dict[str, mx.array]:
+        obj = _RestrictedUnpickler(io.BytesIO(self._zf.read(f"{self._prefix}/data.pkl"))).load()
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"expected a dict of tensors, found {type(obj).__name__}")
+        tensors = {}
+        for name, value in obj.items():
+            if not isinstance(name, str):
+                raise CheckpointError(f"non-string key {name!r:.100}")
+            if not isinstance(value, _Tensor):
+                raise CheckpointError(f"entry {name!r} is not a tensor ({type(value).__name__})")
+            tensors[name] = self._tensor(name, value)
+        return tensors
+
+    def _read_byteorder(self) -> str:
+        try:
+            order = self._zf.read(f"{self._prefix}/byteorder").decode().strip()
+        except KeyError:
+            return "little"  # older torch wrote no byteorder record; those files are little-endian
+        if order not in ("little", "big"):
+            raise CheckpointError(f"unknown byteorder {order!r:.20}")
+        return order
+
+    def _record(self, storage: _Storage) -> bytes:
+        if storage.key not in self._records:
+            raw = self._zf.read(f"{self._prefix}/data/{storage.key}")
+            expected = storage.numel * np.dtype(_DTYPES[storage.dtype][0]).itemsize
+            if len(raw) != expected:
+                raise CheckpointError(
+                    f"storage {storage.key!r} has {len(raw)} bytes, expected {expected}"
+                )
+            self._records[storage.key] = raw
+        return self._records[storage.key]
+
+    def _tensor(self, name: str, t: _Tensor) -> mx.array:
+        """Copy tensor ``t``'s strided view out of its storage into an ``mx.array``."""
+        if not isinstance(t.storage, _Storage):
+            raise CheckpointError(f"tensor {name!r} has no storage")
+        np_dtype, mx_dtype = _DTYPES[t.dtype]
+        dtype = np.dtype(np_dtype).newbyteorder("<" if self._byteorder == "little" else ">")
+        flat = np.frombuffer(self._record(t.storage), dtype)
+        _check_layout(name, t, flat.size)
+        strides = [s * dtype.itemsize for s in t.stride]
+        view = np.lib.stride_tricks.as_strided(flat[t.offset :], t.size, strides, writeable=False)
+        # copies only when needed: to densify a strided view or byte-swap to native order
+        host = view.astype(dtype.newbyteorder("="), order="C", copy=False)
+        if mx_dtype == mx.bfloat16:
+            return mx.array(host).view(mx.bfloat16)
+        return mx.array(host, dtype=mx_dtype)  # explicit, else mx narrows float64 to float32
+
+
+def load_torch_bin(path: str | Path) -> dict[str, mx.array]:
+    """Load a zip-format ``torch.save`` file holding a flat ``{name: tensor}`` dict.
+
+    Raises ``UnsafeCheckpointError`` if its pickle references anything but tensor-rebuilding
+    globals, and ``CheckpointError`` for legacy, corrupt, or non-tensor content.
+    """
+    path = Path(path)
+    try:
+        with _open_zip(path) as zf:
+            return _Archive(zf).load()
+    except CheckpointError as e:
+        raise type(e)(f"{path}: {e}") from None
+    except _CORRUPT_ERRORS as e:
+        raise CheckpointError(f"{path}: corrupt torch checkpoint ({type(e).__name__}: {e})") from e
+
+
+def iter_torch_bin_files(
+    paths: Iterable[str | Path],
+) -> Iterator[tuple[Path, dict[str, mx.array]]]:
+    """Yield ``(path, tensors)`` for each file in turn, so callers can report progress."""
+    for path in paths:
+        yield Path(path), load_torch_bin(path)
+
+
+def _shard_keys(index_path: Path) -> dict[str, list[str]]:
+    """Read a ``pytorch_model.bin.index.json`` into ``{shard file: [tensor names]}``."""
+    try:
+        index = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index_path}: invalid JSON ({e})") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(f"{index_path}: no 'weight_map' of tensor name -> shard file")
+    shards: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        shards.setdefault(shard, []).append(name)
+    return shards
+
+
+def load_sharded_bin(index_path: str | Path) -> dict[str, mx.array]:
+    """Load every shard named by a ``pytorch_model.bin.index.json`` into one dict.
+
+    Each shard must hold exactly the tensors the index's ``weight_map`` assigns to it.
+    """
+    index_path = Path(index_path)
+    shards = _shard_keys(index_path)
+    merged: dict[str, mx.array] = {}
+    paths = (index_path.parent / shard for shard in shards)
+    for (path, tensors), expected in zip(iter_torch_bin_files(paths), shards.values(), strict=True):
+        if extra := sorted(tensors.keys() - set(expected)):
+            raise CheckpointError(f"{path}: holds {extra[0]!r}, not assigned to it by {index_path}")
+        if missing := sorted(set(expected) - tensors.keys()):
+            raise CheckpointError(f"{path}: lacks {missing[0]!r}, assigned to it by {index_path}")
+        merged.update(tensors)
+    return merged
