@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-import click
+import sys
+from pathlib import Path
 
-from ..convert.checkpoint import DTYPES, convert_checkpoint
-from ..convert.released import ConversionError
+import click
+from tqdm import tqdm
+
+from ..config import POLICIES, parse_last_p
+from ..convert.checkpoint import DTYPES, convert
+from ..convert.stack import INITS, StackOptions
+from ..convert.tables import ConversionError
 from ..convert.torch_bin import CheckpointError
+from .inputs import InputError, read_prompt, read_text_file
+
+EXIT_INTERRUPTED = 130
 
 
 @click.group()
@@ -15,64 +24,167 @@ def cli() -> None:
     """SharedLLM on MLX: ask questions about texts longer than the model's window."""
 
 
-@cli.command()
-@click.argument("src", type=click.Path(exists=True, file_okay=False))
-@click.argument("out", type=click.Path())
+def _tree_options(chunk_len, tree_depth, last_p, policy) -> dict:
+    given = {
+        "chunk_len": chunk_len,
+        "tree_depth": tree_depth,
+        "policy": policy,
+        "last_p": None if last_p is None else parse_last_p(last_p),
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
+@cli.command("convert")
+@click.argument("src")
+@click.argument("out", type=click.Path(path_type=Path))
 @click.option(
     "--dtype",
     type=click.Choice(sorted(DTYPES)),
     default=None,
-    help="Weight dtype (default: as stored).",
+    help="Weight dtype (default: as stored; GGUF: float32).",
 )
-@click.option("-q", "--quantize", is_flag=True, help="Quantize the weights.")
+@click.option("-q", "--quantize", is_flag=True, help="Quantize the weights (affine).")
+@click.option("--q-bits", type=click.IntRange(2, 8), default=4, show_default=True)
 @click.option(
-    "--q-bits",
-    type=click.Choice(["2", "3", "4", "5", "6", "8"]),
-    default="4",
-    show_default=True,
-    help="Bits per weight when quantizing.",
+    "--q-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True
 )
 @click.option(
-    "--q-group-size",
-    type=click.Choice(["32", "64", "128"]),
-    default="64",
-    show_default=True,
-    help="Group size when quantizing.",
+    "--stack-from-one",
+    "stack_m",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Make a SharedLLM from a plain LLaMA: its bottom M layers compress.",
 )
 @click.option(
-    "--chunk-len",
-    type=int,
-    default=1024,
+    "--init",
+    type=click.Choice(INITS),
+    default="zero",
     show_default=True,
-    help="Tokens per compressed chunk, used when a 1-D context is cut into chunks.",
+    help="How the new injection blocks start (with --stack-from-one).",
+)
+@click.option("--chunk-len", type=int, default=None, help="Tokens per chunk (default 1024).")
+@click.option(
+    "--tree-depth",
+    type=click.IntRange(1, 8),
+    default=None,
+    help="Context tree depth (default: the checkpoint's, else 3).",
+)
+@click.option("--last-p", default=None, help="Tokens kept per node: an int, or a fraction.")
+@click.option(
+    "--policy",
+    type=click.Choice(POLICIES),
+    default=None,
+    help="Which half a tree node descends into (default: query).",
 )
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def convert(
+def convert_command(
     src: str,
-    out: str,
-    dtype: str | None,
-    quantize: bool,
-    q_bits: str,
-    q_group_size: str,
-    chunk_len: int,
-    force: bool,
+    out: Path,
+    dtype,
+    quantize,
+    q_bits,
+    q_group_size,
+    stack_m,
+    init,
+    chunk_len,
+    tree_depth,
+    last_p,
+    policy,
+    force,
 ) -> None:
-    """Convert a checkpoint of the released PyTorch SharedLLM code (SRC) to MLX (OUT)."""
+    """Convert SRC to an MLX SharedLLM folder OUT.
+
+    SRC is a checkpoint of the released SharedLLM code, or a plain LLaMA-family model
+    (a Hugging Face folder or a .gguf file) with --stack-from-one M; a local path or a
+    Hugging Face repo id.
+    """
     try:
-        path = convert_checkpoint(
+        path = convert(
             src,
             out,
             dtype=dtype,
             quantize=quantize,
-            q_bits=int(q_bits),
+            q_bits=q_bits,
             q_group_size=int(q_group_size),
-            chunk_len=chunk_len,
+            stack=StackOptions(stack_m, init) if stack_m else None,
+            tree=_tree_options(chunk_len, tree_depth, last_p, policy),
             force=force,
         )
-    except (ConversionError, CheckpointError, FileExistsError) as e:
+    except (ConversionError, CheckpointError, FileExistsError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"wrote {path}", err=True)
 
 
-def main() -> None:
-    cli()
+@cli.command("generate")
+@click.option(
+    "--file", "file_", default=None, help="The long context: a text file, or - for stdin."
+)
+@click.option("--encoding", default="utf-8", show_default=True, help="The file's text encoding.")
+@click.option("--prompt", default=None, help="The question or instruction.")
+@click.option(
+    "--prompt-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Read the prompt from a file.",
+)
+@click.option(
+    "--model",
+    default=None,
+    help="A converted model folder or Hub repo (default: embedded SmolLM2-135M).",
+)
+@click.option("--max-tokens", type=int, default=256, show_default=True)
+@click.option("--temp", type=float, default=0.0, show_default=True)
+@click.option("--top-p", type=float, default=0.0, show_default=True, help="0 disables.")
+@click.option("--min-p", type=float, default=0.0, show_default=True, help="0 disables.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 disables.")
+@click.option("--repetition-penalty", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option(
+    "--chat-template/--no-chat-template",
+    default=None,
+    help="Wrap the prompt in the chat template (default: when the tokenizer has one).",
+)
+@click.option("--verbose", is_flag=True, help="Say more about each step.")
+def generate_command(
+    file_,
+    encoding,
+    prompt,
+    prompt_file,
+    model,
+    max_tokens,
+    temp,
+    top_p,
+    min_p,
+    top_k,
+    repetition_penalty,
+    seed,
+    chat_template,
+    verbose,
+) -> None:
+    """Answer a prompt about a long text (--file) that need not fit the model's window."""
+    from .generate_cli import run_generate
+
+    try:
+        question = read_prompt(prompt, prompt_file)
+        text = read_text_file(file_, encoding) if file_ else None
+        run_generate(
+            question,
+            text,
+            model,
+            verbose=verbose,
+            chat_template=chat_template,
+            sampling=dict(
+                max_tokens=max_tokens,
+                temp=temp,
+                top_p=top_p,
+                min_p=min_p,
+                top_k=top_k,
+                repetition_penalty=repetition_penalty,
+                seed=seed,
+            ),
+        )
+    except InputError as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        tqdm.write("\ninterrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)

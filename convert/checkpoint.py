@@ -1,20 +1,30 @@
-"""Convert a checkpoint of the released PyTorch SharedLLM code to MLX, without torch."""
+"""Convert checkpoints to MLX SharedLLM folders, without torch.
+
+Sources: a checkpoint of the released SharedLLM code, or a plain LLaMA-family model
+(HF safetensors/.bin folder or a GGUF file) stacked from one. Either may be a local
+path or a Hugging Face Hub repo id.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 from mlx_lm.utils import quantize_model, save_model
 from tqdm import tqdm
 
 from ..model import SharedLLM
-from .released import ConversionError, config_from_released, weight_table
+from .gguf import read_gguf, save_gguf_tokenizer
+from .released import config_from_released, weight_table
+from .stack import StackOptions, stack_from_one
+from .tables import ConversionError, check_weights
 from .torch_bin import load_torch_bin
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -27,8 +37,30 @@ SIDE_FILES = (
     "generation_config.json",
     "chat_template.jinja",
 )
+HUB_PATTERNS = ["*.json", "*.safetensors", "pytorch_model*.bin", "tokenizer.model", "*.jinja"]
 
 Loader = Callable[[Path], dict[str, mx.array]]
+
+
+def resolve_source(src: str | Path) -> Path:
+    """A local path as is; otherwise a Hugging Face repo id, fetched with huggingface_hub
+    (which honours HF_HOME and HF_HUB_OFFLINE)."""
+    path = Path(src).expanduser()
+    if path.exists():
+        return path
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(src)):
+        raise ConversionError(f"unknown model {str(src)!r}: no such file or directory")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(src), allow_patterns=HUB_PATTERNS))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConversionError(
+            f"unknown model {str(src)!r}: not a local path, and the Hugging Face Hub "
+            f"could not provide it ({reason})"
+        ) from None
 
 
 def _weight_files(src: Path) -> tuple[list[Path], Loader, Path | None]:
@@ -50,14 +82,13 @@ def _weight_files(src: Path) -> tuple[list[Path], Loader, Path | None]:
 
 
 def read_weights(src: Path, progress: bool = True) -> Iterator[tuple[str, mx.array]]:
-    """Every tensor of the checkpoint, one file at a time (with a progress bar per file)."""
+    """Every tensor of a checkpoint folder, one file at a time (a progress bar per file)."""
     files, loader, index = _weight_files(src)
     weight_map = json.loads(index.read_text())["weight_map"] if index else None
-    for path in tqdm(files, desc="converting", unit="file", disable=not progress):
+    for path in tqdm(files, desc="reading weights", unit="file", disable=not progress):
         if not path.exists():
             raise ConversionError(f"{index} names {path.name}, which does not exist")
-        tensors = loader(path)
-        for name, value in tensors.items():
+        for name, value in loader(path).items():
             if weight_map is not None and weight_map.get(name) != path.name:
                 raise ConversionError(
                     f"{path.name} holds {name}, which {index.name} puts in {weight_map.get(name)}"
@@ -65,30 +96,41 @@ def read_weights(src: Path, progress: bool = True) -> Iterator[tuple[str, mx.arr
             yield name, value
 
 
-def collect_weights(
-    src: Path, cfg, lower_layers: int, dtype: mx.Dtype | None, progress: bool = True
-) -> dict[str, mx.array]:
-    """Read, check against the weight table, drop unused layers, cast."""
+def _released_model(src: Path, hf: dict, dtype: mx.Dtype | None, progress: bool) -> SharedLLM:
+    cfg = config_from_released(hf)
+    lower_layers = (hf.get("encoder_config") or hf)["num_hidden_layers"]
     kept, dropped = weight_table(cfg, lower_layers)
-    weights: dict[str, mx.array] = {}
-    for name, value in read_weights(src, progress):
-        expected = kept.get(name, dropped.get(name))
-        if expected is None:
-            raise ConversionError(f"unknown weight {name!r} in {src}")
-        if tuple(value.shape) != expected:
-            raise ConversionError(
-                f"weight {name!r} has shape {tuple(value.shape)}, expected {expected}"
-            )
-        if name in kept:
-            weights[name] = value.astype(dtype) if dtype is not None else value
-    missing = sorted(set(kept) - set(weights))
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise ConversionError(f"missing weight {missing[0]!r}{more} in {src}")
-    return weights
+    weights = check_weights(read_weights(src, progress), kept, dropped, src, dtype)
+    model = SharedLLM(cfg)
+    model.load_weights(list(weights.items()))
+    return model
 
 
-def convert_checkpoint(
+def build_model(
+    src: Path, dtype: mx.Dtype | None, stack: StackOptions | None, progress: bool
+) -> SharedLLM:
+    """The SharedLLM that `src` (a local folder or GGUF file) describes."""
+    if src.is_file():
+        if src.suffix != ".gguf":
+            raise ConversionError(f"{src} is a file but not a GGUF file; give a folder or .gguf")
+        if stack is None:
+            raise ConversionError("a GGUF file is a plain LLaMA: pass --stack-from-one M")
+        hf, weights = read_gguf(src, dtype or mx.float32)
+        return stack_from_one(hf, weights.items(), stack, src, dtype)
+    if not (src / "config.json").exists():
+        raise ConversionError(f"{src} has no config.json")
+    hf = json.loads((src / "config.json").read_text())
+    released = "num_cross_attn_layers" in hf
+    if released and stack is not None:
+        raise ConversionError(f"{src} is already a SharedLLM checkpoint: drop --stack-from-one")
+    if released:
+        return _released_model(src, hf, dtype, progress)
+    if stack is None:
+        raise ConversionError(f"{src} is a plain LLaMA checkpoint: pass --stack-from-one M")
+    return stack_from_one(hf, read_weights(src, progress), stack, src, dtype)
+
+
+def convert(
     src: str | Path,
     out: str | Path,
     *,
@@ -96,30 +138,27 @@ def convert_checkpoint(
     quantize: bool = False,
     q_bits: int = 4,
     q_group_size: int = 64,
-    chunk_len: int = 1024,
+    stack: StackOptions | None = None,
+    tree: dict[str, Any] | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Convert the released code's checkpoint folder `src` into an MLX model folder `out`.
+    """Convert `src` into an MLX SharedLLM folder `out`.
 
-    The output is written to a temporary folder next to `out` and renamed into place,
-    so a failed or interrupted conversion leaves nothing behind.
+    `stack` stacks a plain LLaMA from one; `tree` overrides tree settings (chunk_len,
+    tree_depth, last_p, policy). The output is written to a temporary folder next to
+    `out` and renamed into place, so a failed or interrupted conversion leaves nothing
+    behind.
     """
-    src, out = Path(src), Path(out)
+    out = Path(out)
     if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
-    if not (src / "config.json").exists():
-        raise ConversionError(f"{src} has no config.json")
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    hf = json.loads((src / "config.json").read_text())
-    cfg = config_from_released(hf, chunk_len)
-    lower_layers = (hf.get("encoder_config") or hf)["num_hidden_layers"]
-    weights = collect_weights(src, cfg, lower_layers, DTYPES.get(dtype), progress)
-
-    model = SharedLLM(cfg)
-    model.load_weights(list(weights.items()))
-    config = cfg.to_dict()
+    src = resolve_source(src)
+    model = build_model(src, DTYPES.get(dtype), stack, progress)
+    model.config = dataclasses.replace(model.config, **(tree or {}))
+    config = model.config.to_dict()
     if quantize:
         model, config = quantize_model(model, config, q_group_size, q_bits)
     mx.eval(model.parameters())
@@ -130,6 +169,9 @@ def convert_checkpoint(
 def _save(tmp: Path, src: Path, model: SharedLLM, config: dict) -> None:
     save_model(tmp, model)
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if src.is_file():
+        save_gguf_tokenizer(src, tmp)
+        return
     for name in SIDE_FILES:
         if (src / name).exists():
             shutil.copy2(src / name, tmp / name)
@@ -150,7 +192,3 @@ def _write_atomically(out: Path, force: bool, write: Callable[[Path], None]) -> 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def parameter_count(model: SharedLLM) -> int:
-    return sum(v.size for _, v in tree_flatten(model.parameters()))

@@ -7,12 +7,7 @@ from typing import Any
 from mlx_lm.models.llama import ModelArgs as LlamaArgs
 
 from ..config import SharedLLMConfig, head_dim, parse_last_p
-
-Shape = tuple[int, ...]
-
-
-class ConversionError(ValueError):
-    """The source checkpoint does not match what the converter expects."""
+from .tables import ConversionError, Shape, injection_table, layer_table, model_table
 
 
 def config_from_released(hf: dict[str, Any], chunk_len: int = 1024) -> SharedLLMConfig:
@@ -36,48 +31,6 @@ def config_from_released(hf: dict[str, Any], chunk_len: int = 1024) -> SharedLLM
     )
 
 
-def _layer_table(prefix: str, args: LlamaArgs) -> dict[str, Shape]:
-    dim, inter, d = args.hidden_size, args.intermediate_size, head_dim(args)
-    q, kv = args.num_attention_heads * d, args.num_key_value_heads * d
-    linears = {
-        "self_attn.q_proj": ((q, dim), args.attention_bias),
-        "self_attn.k_proj": ((kv, dim), args.attention_bias),
-        "self_attn.v_proj": ((kv, dim), args.attention_bias),
-        "self_attn.o_proj": ((dim, q), args.attention_bias),
-        "mlp.gate_proj": ((inter, dim), args.mlp_bias),
-        "mlp.up_proj": ((inter, dim), args.mlp_bias),
-        "mlp.down_proj": ((dim, inter), args.mlp_bias),
-    }
-    table = {
-        f"{prefix}.input_layernorm.weight": (dim,),
-        f"{prefix}.post_attention_layernorm.weight": (dim,),
-    }
-    for name, (shape, bias) in linears.items():
-        table[f"{prefix}.{name}.weight"] = shape
-        if bias:
-            table[f"{prefix}.{name}.bias"] = shape[:1]
-    return table
-
-
-def _injection_table(prefix: str, args: LlamaArgs) -> dict[str, Shape]:
-    dim, q = args.hidden_size, args.num_attention_heads * head_dim(args)
-    return {
-        f"{prefix}.cross_attn.layernorm.weight": (dim,),
-        f"{prefix}.cross_attn.q_proj.weight": (q, dim),
-        f"{prefix}.cross_attn.o_proj.weight": (dim, q),
-    }
-
-
-def _model_table(prefix: str, args: LlamaArgs, layers: range) -> dict[str, Shape]:
-    table = {
-        f"{prefix}.embed_tokens.weight": (args.vocab_size, args.hidden_size),
-        f"{prefix}.norm.weight": (args.hidden_size,),
-    }
-    for i in layers:
-        table.update(_layer_table(f"{prefix}.layers.{i}", args))
-    return table
-
-
 def weight_table(
     cfg: SharedLLMConfig, lower_layers_stored: int
 ) -> tuple[dict[str, Shape], dict[str, Shape]]:
@@ -87,15 +40,15 @@ def weight_table(
     present: the lower model's layers from M up, which never run, and RoPE buffers.
     """
     up, low, m = cfg.upper, cfg.lower, cfg.num_injection_layers
-    kept = _model_table("model", up, range(up.num_hidden_layers))
+    kept = model_table("model", up, range(up.num_hidden_layers))
     for i in range(m):
-        kept.update(_injection_table(f"model.layers.{i}", up))
+        kept.update(injection_table(f"model.layers.{i}", up))
     if not up.tie_word_embeddings:
         kept["lm_head.weight"] = (up.vocab_size, up.hidden_size)
-    kept.update(_model_table("encoder", low, range(m)))
+    kept.update(model_table("encoder", low, range(m)))
     dropped: dict[str, Shape] = {}
     for i in range(m, lower_layers_stored):
-        dropped.update(_layer_table(f"encoder.layers.{i}", low))
+        dropped.update(layer_table(f"encoder.layers.{i}", low))
     # Older transformers versions saved the RoPE frequencies, which we recompute.
     for prefix, args, count in (
         ("model", up, up.num_hidden_layers),

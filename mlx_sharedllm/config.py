@@ -9,6 +9,8 @@ from typing import Any
 from mlx_lm.models.llama import ModelArgs as LlamaArgs
 
 POLICIES = ("query", "right")
+# How the injection weights came to be: trained, or initialised by stacking from one.
+INJECTIONS = ("trained", "zero", "copy")
 LAYOUTS = ("paper", "reference")
 
 
@@ -54,6 +56,7 @@ class SharedLLMConfig:
     policy: str = "query"
     layout: str = "paper"
     compress_batch: int = 8
+    injection: str = "trained"
     model_type: str = "sharedllm"
     quantization: dict[str, Any] | None = None
 
@@ -77,6 +80,8 @@ class SharedLLMConfig:
         m, up, low = self.num_injection_layers, self.upper, self.lower or self.upper
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.injection not in INJECTIONS:
+            raise ValueError(f"injection must be one of {INJECTIONS}, got {self.injection!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if not 1 <= m <= up.num_hidden_layers:
@@ -106,6 +111,11 @@ class SharedLLMConfig:
         """Build from a config.json dict; unknown keys are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in params.items() if k in names})
+
+    def tree_dict(self) -> dict[str, Any]:
+        """The settings a context tree depends on."""
+        keys = ("num_injection_layers", "tree_depth", "last_p", "chunk_len", "policy", "layout")
+        return {k: getattr(self, k) for k in keys}
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

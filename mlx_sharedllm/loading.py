@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import transformers
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model, load_tokenizer
 
 from .config import SharedLLMConfig
 from .model import SharedLLM
+from .tree import ContextTree
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -19,5 +21,37 @@ def load(path: str | Path) -> tuple[SharedLLM, TokenizerWrapper | None]:
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a converted model folder (no config.json)")
     model, _ = load_model(path, get_model_classes=lambda config: (SharedLLM, SharedLLMConfig))
-    has_tokenizer = any((path / name).exists() for name in TOKENIZER_FILES)
-    return model, load_tokenizer(path) if has_tokenizer else None
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        return model, None
+    # transformers reads our config.json and warns that it does not know "sharedllm".
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        return model, load_tokenizer(path)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def load_context(path: str | Path, model: SharedLLM) -> ContextTree:
+    """Load a tree saved with `ContextTree.save`, refusing one made by another model."""
+    tree = ContextTree.load(path)
+    made_by, ours = tree.meta.get("model"), model.fingerprint()
+    if made_by != ours:
+        raise ValueError(
+            f"{path} was compressed by a different model (fingerprint {made_by}, "
+            f"this model is {ours}): compress the text again with this model"
+        )
+    if tree.meta.get("config") != model.config.tree_dict():
+        raise ValueError(
+            f"{path} was compressed with other tree settings: {tree.meta.get('config')}"
+        )
+    expected = model.tree_shape(tree.num_entries)
+    for i, (k, v) in enumerate(zip(tree.keys, tree.values)):
+        if k.shape != expected or v.shape != expected:
+            raise ValueError(f"{path}: layer {i} has shape {k.shape}, expected {expected}")
+    if len(tree.keys) != model.config.num_injection_layers:
+        raise ValueError(
+            f"{path} holds {len(tree.keys)} layers, the model injects in "
+            f"{model.config.num_injection_layers}"
+        )
+    return tree

@@ -6,12 +6,16 @@ Parameter names follow the released PyTorch code: `model.*` is the upper model,
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
@@ -139,6 +143,11 @@ class SharedLLM(nn.Module):
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
 
+    def tree_shape(self, entries: int) -> tuple[int, int, int, int]:
+        """Shape of one layer's tree keys (or values) holding `entries` entries."""
+        lower = self.config.lower or self.config.upper
+        return (1, lower.num_key_value_heads, entries, head_dim(lower))
+
     def make_cache(self) -> list[KVCache]:
         """A fresh KV cache for the upper model's self-attention."""
         return [KVCache() for _ in self.layers]
@@ -150,21 +159,26 @@ class SharedLLM(nn.Module):
 
     # -- compression ---------------------------------------------------------------
 
-    def compress(self, context: Any, query: Any) -> ContextTree:
+    def compress(
+        self, context: Any, query: Any, progress: Callable[[int, int], None] | None = None
+    ) -> ContextTree:
         """Compress `context` into a context tree, guided by the running text `query`.
 
         `context` is (n, chunk_len) token ids, or a 1-D array that is cut into
         `config.chunk_len` chunks; its trailing `len % chunk_len` tokens are not
         compressed and are returned in `tree.remainder`, for the caller to put in
-        the running text. `query` is the (L,) or (1, L) running text.
+        the running text. `query` is the (L,) or (1, L) running text. `progress`, if
+        given, is called with (chunks done, chunks in all) as batches finish.
         """
         chunks, remainder = self._as_chunks(context)
         n, chunk_len = chunks.shape
         check_chunk_len(chunk_len, self.config.tree_depth)
+        progress = progress or (lambda done, total: None)
+        progress(0, n)
         plan = plan_segments(
             n, chunk_len, self.config.tree_depth, self.config.layout, self._chooser(chunks, query)
         )
-        keys, values = self._encode_plan(chunks, plan)
+        keys, values = self._encode_plan(chunks, plan, progress)
         entries = keys[0].shape[2]
         key_pos, query_pos = chunk_positions(n, entries, self.config.layout)
         flat = [self._flatten(rotate_at(k, self.chunk_rope, mx.array(key_pos))) for k in keys]
@@ -172,10 +186,34 @@ class SharedLLM(nn.Module):
             keys=flat,
             values=[self._flatten(v) for v in values],
             n_chunks=n,
+            chunk_len=chunk_len,
             entries_per_chunk=entries,
             query_position=int(query_pos),
             remainder=remainder,
+            meta={
+                "model": self.fingerprint(),
+                "config": self.config.tree_dict(),
+                "context_sha256": _token_hash(chunks),
+                "query_sha256": _token_hash(mx.array(query)),
+            },
         )
+
+    def fingerprint(self) -> str:
+        """A short hash that tells this model's weights and config from another's.
+
+        It hashes every parameter's name, shape, dtype and an evenly spaced sample of
+        its values, so it is quick even for a large model.
+        """
+        config = {k: v for k, v in self.config.to_dict().items() if k != "compress_batch"}
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+        for name, value in sorted(tree_flatten(self.parameters())):
+            flat = value.reshape(-1)
+            sample = flat[:: max(1, flat.size // 64)]
+            if sample.dtype == mx.bfloat16:
+                sample = sample.astype(mx.float32)
+            digest.update(f"{name}{value.shape}{value.dtype}".encode())
+            digest.update(np.array(sample).tobytes())
+        return digest.hexdigest()[:16]
 
     def _as_chunks(self, context: Any) -> tuple[mx.array, mx.array | None]:
         context = mx.array(context) if not isinstance(context, mx.array) else context
@@ -218,15 +256,15 @@ class SharedLLM(nn.Module):
         h = model.layers[0](model.embed_tokens(tokens), mask="causal")
         return model.norm(h[:, -1])
 
-    def _encode_plan(self, chunks: mx.array, plan: SegmentPlan):
+    def _encode_plan(self, chunks: mx.array, plan: SegmentPlan, progress):
         """Encode every planned segment with the lower model and downsample it.
 
         Returns per layer keys and values of shape (n, kv_heads, T, head_dim), with the
         slot's segments joined along the sequence in plan order.
         """
-        m = self.config.num_injection_layers
+        m, n = self.config.num_injection_layers, plan.source.shape[0]
         keys, values = [[] for _ in range(m)], [[] for _ in range(m)]
-        for idx in self._batches(plan.source.shape[0]):
+        for idx in self._batches(n):
             parts = [
                 self._encode(_gather(chunks, plan.source[idx, s], plan.start[idx, s], length))
                 for s, length in enumerate(plan.lengths)
@@ -235,6 +273,7 @@ class SharedLLM(nn.Module):
                 keys[i].append(mx.concatenate([p[i][0] for p in parts], axis=2))
                 values[i].append(mx.concatenate([p[i][1] for p in parts], axis=2))
             mx.eval(keys, values)
+            progress(int(idx[-1]) + 1, n)
         return [mx.concatenate(k) for k in keys], [mx.concatenate(v) for v in values]
 
     def _encode(self, tokens: mx.array) -> list[tuple[mx.array, mx.array]]:
@@ -271,6 +310,10 @@ def _gather(chunks: mx.array, rows: np.ndarray, starts: np.ndarray, length: int)
     """Tokens chunks[rows[b], starts[b] : starts[b] + length] for every b."""
     cols = mx.array(starts)[:, None] + mx.arange(length)[None]
     return mx.take_along_axis(chunks[mx.array(rows)], cols, axis=1)
+
+
+def _token_hash(tokens: mx.array) -> str:
+    return hashlib.sha256(np.array(tokens, dtype=np.int64).tobytes()).hexdigest()
 
 
 def _unit(x: mx.array, eps: float = 1e-6) -> mx.array:

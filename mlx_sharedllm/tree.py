@@ -6,8 +6,11 @@ the planned segments. See SPEC section 3 for the algorithm.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -107,14 +110,18 @@ class ContextTree:
     `keys[i]` and `values[i]` have shape (1, kv_heads, n_chunks * entries_per_chunk,
     head_dim), chunk-major; keys are already rotated to their chunk position.
     `remainder` holds the trailing tokens that did not fill a chunk (not compressed).
+    `meta` records what the tree was built from: the model's fingerprint, the tree
+    settings, and hashes of the context and query tokens.
     """
 
     keys: list[mx.array]
     values: list[mx.array]
     n_chunks: int
+    chunk_len: int
     entries_per_chunk: int
     query_position: int
     remainder: mx.array | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_entries(self) -> int:
@@ -127,3 +134,45 @@ class ContextTree:
         """View a (1, kv, n*T, D) tree array as (n, kv, T, D)."""
         _, kv, _, d = x.shape
         return x.reshape(kv, self.n_chunks, self.entries_per_chunk, d).transpose(1, 0, 2, 3)
+
+    def save(self, path: str | Path) -> None:
+        """Write the tree and its metadata to a safetensors file."""
+        arrays = {f"keys.{i}": k for i, k in enumerate(self.keys)}
+        arrays.update({f"values.{i}": v for i, v in enumerate(self.values)})
+        if self.remainder is not None:
+            arrays["remainder"] = self.remainder
+        header = {
+            "n_chunks": self.n_chunks,
+            "chunk_len": self.chunk_len,
+            "entries_per_chunk": self.entries_per_chunk,
+            "query_position": self.query_position,
+            "meta": self.meta,
+        }
+        metadata = {"format": TREE_FORMAT, "tree": json.dumps(header)}
+        mx.save_safetensors(str(path), arrays, metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ContextTree:
+        """Read a tree written by `save`; use `mlx_sharedllm.load_context` to check it
+        against a model."""
+        try:
+            arrays, metadata = mx.load(str(path), return_metadata=True)
+            if metadata.get("format") != TREE_FORMAT:
+                raise ValueError(f"not a saved context tree (format {metadata.get('format')!r})")
+            header = json.loads(metadata["tree"])
+            layers = len([k for k in arrays if k.startswith("keys.")])
+            return cls(
+                keys=[arrays[f"keys.{i}"] for i in range(layers)],
+                values=[arrays[f"values.{i}"] for i in range(layers)],
+                n_chunks=int(header["n_chunks"]),
+                chunk_len=int(header["chunk_len"]),
+                entries_per_chunk=int(header["entries_per_chunk"]),
+                query_position=int(header["query_position"]),
+                remainder=arrays.get("remainder"),
+                meta=header["meta"],
+            )
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a readable context tree: {e}") from None
+
+
+TREE_FORMAT = "mlx-sharedllm-context-tree/1"

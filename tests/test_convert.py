@@ -98,9 +98,7 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "save_model", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.convert_checkpoint(
-            FIXTURES / "n1_gqa" / "checkpoint", tmp_path / "out", progress=False
-        )
+        checkpoint.convert(FIXTURES / "n1_gqa" / "checkpoint", tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
 
 

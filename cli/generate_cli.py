@@ -1,0 +1,137 @@
+"""`mlx-sharedllm generate`: progress bars, streaming output, stats, one-line errors."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from ..generate import stream_generate, tokenize_pieces
+from ..loading import load
+from .inputs import InputError, TextSource
+
+
+def resolve_model(ref: str | None) -> Path:
+    """The model folder for --model: a converted folder, a Hub repo, or the default."""
+    if ref is None:
+        from ..default import default_model
+
+        return default_model()
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise InputError(
+                f"{ref} is not a converted model (no config.json); "
+                "make one with `mlx-sharedllm convert`"
+            )
+        return path
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", ref):
+        raise InputError(f"unknown model {ref!r}: no such folder, and not a Hub repo id")
+    from ..convert.checkpoint import resolve_source
+    from ..convert.tables import ConversionError
+
+    try:
+        return resolve_source(ref)
+    except ConversionError as e:
+        raise InputError(str(e)) from None
+
+
+def load_model(path: Path):
+    try:
+        model, tokenizer = load(path)
+    except Exception as e:  # any failure here means unusable weights or config
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"cannot load the model in {path}: {reason}") from None
+    if tokenizer is None:
+        raise InputError(f"the model in {path} has no tokenizer")
+    return model, tokenizer
+
+
+def _tokenize(tokenizer, source: TextSource):
+    with tqdm(
+        total=source.size,
+        unit="B",
+        unit_scale=True,
+        desc="tokenizing",
+        file=sys.stderr,
+        leave=False,
+    ) as bar:
+
+        def progress(stage: str, done: int, total: int) -> None:
+            bar.update(done - bar.n)
+
+        return tokenize_pieces(tokenizer, source.pieces(), progress)
+
+
+class _CompressBar:
+    """A tqdm bar of chunks, with tokens/s, driven by the API's progress callback."""
+
+    def __init__(self, chunk_len: int):
+        self.chunk_len, self.bar, self.start = chunk_len, None, time.perf_counter()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=total, unit="chunk", desc="compressing", file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+        rate = done * self.chunk_len / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{rate:,.0f} tok/s")
+        if done == total:
+            self.bar.close()
+
+
+def stats_line(r) -> str:
+    return (
+        f"context {r.context_tokens:,} tokens | {r.chunks:,} chunks | "
+        f"{r.tree_entries:,} tree entries | compress {r.compress_tps:,.0f} tok/s | "
+        f"prompt {r.prompt_tokens:,} tokens, {r.prompt_tps:,.0f} tok/s | "
+        f"generation {r.generation_tokens:,} tokens, {r.generation_tps:,.1f} tok/s | "
+        f"peak memory {r.peak_memory:.2f} GB"
+    )
+
+
+def run_generate(
+    prompt: str,
+    source: TextSource | None,
+    model_ref: str | None,
+    *,
+    verbose: bool,
+    chat_template: bool | None,
+    sampling: dict[str, Any],
+) -> None:
+    path = resolve_model(model_ref)
+    model, tokenizer = load_model(path)
+    if verbose:
+        click.echo(f"model: {path} (fingerprint {model.fingerprint()})", err=True)
+    if model.config.injection != "trained":
+        click.echo(
+            f"note: this model's context injection is untrained "
+            f"(init '{model.config.injection}'); answers cannot draw on the compressed "
+            "context yet",
+            err=True,
+        )
+    ids = _tokenize(tokenizer, source) if source else None
+    if verbose and ids is not None:
+        click.echo(f"context: {len(ids):,} tokens, chunks of {model.config.chunk_len}", err=True)
+    response = None
+    try:
+        for response in stream_generate(
+            model,
+            tokenizer,
+            prompt,
+            ids,
+            chat_template=chat_template,
+            progress=_CompressBar(model.config.chunk_len),
+            **sampling,
+        ):
+            sys.stdout.write(response.text)
+            sys.stdout.flush()
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    sys.stdout.write("\n")
+    if response is not None:
+        click.echo(stats_line(response), err=True)

@@ -1,0 +1,204 @@
+"""Generate text that reads a long context through the context tree.
+
+Sampling, logits processors, the streaming detokenizer and the decode loop are
+mlx-lm's; this module prepares the context tree and the running text around them.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.generate import GenerationResponse as MlxLmResponse
+from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .model import SharedLLM
+from .tree import ContextTree
+
+# progress(stage, done, total): stage "tokenize" counts characters, "compress" chunks.
+Progress = Callable[[str, int, int], None]
+PIECE_CHARS = 1 << 20
+
+
+@dataclass
+class GenerationResponse(MlxLmResponse):
+    """mlx-lm's response, plus what the context cost."""
+
+    context_tokens: int = 0
+    chunks: int = 0
+    tree_entries: int = 0
+    compress_tps: float = 0.0
+
+
+@dataclass
+class PreparedContext:
+    tree: ContextTree | None
+    running: np.ndarray
+    stats: dict[str, Any]
+
+
+class _WithTree(nn.Module):
+    """The model with a fixed tree, callable the way mlx-lm's decode loop calls models."""
+
+    def __init__(self, model: SharedLLM, tree: ContextTree | None):
+        super().__init__()
+        self.model = model
+        self.tree = tree
+
+    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        return self.model(inputs, tree=self.tree, cache=cache)
+
+
+def text_pieces(stream: TextIO, size: int = PIECE_CHARS) -> Iterator[str]:
+    """Read text in pieces of about `size` characters, each cut after a whitespace
+    character so that no word is split between two pieces."""
+    carry = ""
+    while block := stream.read(size):
+        text = carry + block
+        cut = max(text.rfind(" "), text.rfind("\n")) + 1
+        if cut <= 0:
+            cut = len(text)
+        carry = text[cut:]
+        yield text[:cut]
+    if carry:
+        yield carry
+
+
+def tokenize_pieces(
+    tokenizer: TokenizerWrapper, pieces: Iterable[str], progress: Progress | None = None
+) -> np.ndarray:
+    """Token ids (no special tokens) of a text given in pieces, so a huge file never
+    has to be held as one string."""
+    ids, done = [], 0
+    for piece in pieces:
+        ids.append(np.asarray(tokenizer.encode(piece, add_special_tokens=False), np.int32))
+        done += len(piece)
+        if progress:
+            progress("tokenize", done, 0)
+    return np.concatenate(ids) if ids else np.zeros(0, np.int32)
+
+
+def encode_prompt(
+    tokenizer: TokenizerWrapper, prompt: str | Iterable[int], chat_template: bool | None = None
+) -> np.ndarray:
+    """The prompt's token ids, wrapped in the chat template when asked (default: when the
+    tokenizer has one)."""
+    if not isinstance(prompt, str):
+        return np.asarray(list(prompt), np.int32)
+    use_template = tokenizer.has_chat_template if chat_template is None else chat_template
+    if use_template:
+        if not tokenizer.has_chat_template:
+            raise ValueError("this tokenizer has no chat template")
+        messages = [{"role": "user", "content": prompt}]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return np.asarray(tokenizer.encode(prompt, add_special_tokens=not use_template), np.int32)
+
+
+def prepare_context(
+    model: SharedLLM,
+    tokenizer: TokenizerWrapper | None,
+    context: str | ContextTree | Any | None,
+    prompt_ids: np.ndarray,
+    progress: Progress | None = None,
+) -> PreparedContext:
+    """Compress the context and build the running text.
+
+    Full chunks of the context go to the tree; the tokens after the last full chunk
+    join the running text ahead of the prompt, so no token is lost. The prompt is the
+    tree's query.
+    """
+    if isinstance(context, ContextTree):
+        return _prepared(context, prompt_ids, 0.0)
+    if context is None:
+        ids = np.zeros(0, np.int32)
+    elif isinstance(context, str):
+        if tokenizer is None:
+            raise ValueError("a text context needs a tokenizer")
+        ids = tokenize_pieces(tokenizer, text_pieces(io.StringIO(context)), progress)
+    else:
+        ids = np.asarray(context, np.int32).reshape(-1)
+    if len(ids) < model.config.chunk_len:
+        stats = {"context_tokens": len(ids), "chunks": 0, "tree_entries": 0}
+        return PreparedContext(None, np.concatenate([ids, prompt_ids]), stats)
+
+    def chunk_progress(done: int, total: int) -> None:
+        if progress:
+            progress("compress", done, total)
+
+    tic = time.perf_counter()
+    tree = model.compress(mx.array(ids), mx.array(prompt_ids), progress=chunk_progress)
+    return _prepared(tree, prompt_ids, time.perf_counter() - tic)
+
+
+def _prepared(tree: ContextTree, prompt_ids: np.ndarray, seconds: float) -> PreparedContext:
+    remainder = np.zeros(0, np.int32) if tree.remainder is None else np.array(tree.remainder)
+    compressed = tree.n_chunks * tree.chunk_len
+    stats = {
+        "context_tokens": compressed + len(remainder),
+        "chunks": tree.n_chunks,
+        "tree_entries": tree.num_entries,
+        "compress_tps": compressed / seconds if seconds else 0.0,
+    }
+    running = np.concatenate([remainder.astype(np.int32), prompt_ids])
+    return PreparedContext(tree, running, stats)
+
+
+def stream_generate(
+    model: SharedLLM,
+    tokenizer: TokenizerWrapper,
+    prompt: str | Iterable[int],
+    context: str | ContextTree | Any | None = None,
+    *,
+    max_tokens: int = 256,
+    temp: float = 0.0,
+    top_p: float = 0.0,
+    min_p: float = 0.0,
+    top_k: int = 0,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    chat_template: bool | None = None,
+    progress: Progress | None = None,
+) -> Iterator[GenerationResponse]:
+    """Answer `prompt` about `context` (a string, token ids, or a compressed ContextTree),
+    yielding a response per generated token with the text so far and the stats."""
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    prompt_ids = encode_prompt(tokenizer, prompt, chat_template)
+    window = model.args.max_position_embeddings
+    if window and len(prompt_ids) > window:
+        raise ValueError(
+            f"the prompt is {len(prompt_ids)} tokens, longer than the model's window ({window})"
+        )
+    prepared = prepare_context(model, tokenizer, context, prompt_ids, progress)
+    if seed is not None:
+        mx.random.seed(seed)
+    responses = mlx_lm_stream_generate(
+        _WithTree(model, prepared.tree),
+        tokenizer,
+        mx.array(prepared.running),
+        max_tokens=max_tokens,
+        sampler=make_sampler(temp, top_p, min_p, top_k=top_k),
+        logits_processors=make_logits_processors(repetition_penalty=repetition_penalty),
+        prompt_cache=model.make_cache(),
+    )
+    for response in responses:
+        yield GenerationResponse(**vars(response), **prepared.stats)
+
+
+def generate(
+    model: SharedLLM,
+    tokenizer: TokenizerWrapper,
+    prompt: str | Iterable[int],
+    context: str | ContextTree | Any | None = None,
+    **kwargs: Any,
+) -> str:
+    """The whole answer of `stream_generate` as one string."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, context, **kwargs))
