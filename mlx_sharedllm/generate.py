@@ -58,18 +58,20 @@ class _WithTree(nn.Module):
 
 
 def text_pieces(stream: TextIO, size: int = PIECE_CHARS) -> Iterator[str]:
-    """Read text in pieces of about `size` characters, each cut after a whitespace
-    character so that no word is split between two pieces."""
-    carry = ""
-    while block := stream.read(size):
-        text = carry + block
-        cut = max(text.rfind(" "), text.rfind("\n")) + 1
-        if cut <= 0:
-            cut = len(text)
-        carry = text[cut:]
+    """Read text in pieces of about `size` characters, so a huge file is never one string.
+
+    Each piece but the last ends at a line break (else a space), so no word is split;
+    a text shorter than `size` is one piece and tokenizes exactly as a whole.
+    """
+    text = stream.read(size)
+    while text:
+        more = stream.read(size)
+        if not more:
+            yield text
+            return
+        cut = text.rfind("\n") + 1 or text.rfind(" ") + 1 or len(text)
         yield text[:cut]
-    if carry:
-        yield carry
+        text = text[cut:] + more
 
 
 def tokenize_pieces(

@@ -7,6 +7,7 @@ the planned segments. See SPEC section 3 for the algorithm.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,7 +137,7 @@ class ContextTree:
         return x.reshape(kv, self.n_chunks, self.entries_per_chunk, d).transpose(1, 0, 2, 3)
 
     def save(self, path: str | Path) -> None:
-        """Write the tree and its metadata to a safetensors file."""
+        """Write the tree and its metadata to a safetensors file at `path` (any name)."""
         arrays = {f"keys.{i}": k for i, k in enumerate(self.keys)}
         arrays.update({f"values.{i}": v for i, v in enumerate(self.values)})
         if self.remainder is not None:
@@ -149,14 +150,19 @@ class ContextTree:
             "meta": self.meta,
         }
         metadata = {"format": TREE_FORMAT, "tree": json.dumps(header)}
-        mx.save_safetensors(str(path), arrays, metadata=metadata)
+        path = Path(path)
+        partial = path.with_name(path.name + ".partial")
+        # A file object keeps MLX from appending ".safetensors" to the name.
+        with open(partial, "wb") as f:
+            mx.save_safetensors(f, arrays, metadata=metadata)
+        os.replace(partial, path)
 
     @classmethod
     def load(cls, path: str | Path) -> ContextTree:
         """Read a tree written by `save`; use `mlx_sharedllm.load_context` to check it
         against a model."""
         try:
-            arrays, metadata = mx.load(str(path), return_metadata=True)
+            arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
             if metadata.get("format") != TREE_FORMAT:
                 raise ValueError(f"not a saved context tree (format {metadata.get('format')!r})")
             header = json.loads(metadata["tree"])
