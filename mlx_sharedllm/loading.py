@@ -46,12 +46,12 @@ def load_context(path: str | Path, model: SharedLLM) -> ContextTree:
             f"{path} was compressed with other tree settings: {tree.meta.get('config')}"
         )
     expected = model.tree_shape(tree.num_entries)
-    for i, (k, v) in enumerate(zip(tree.keys, tree.values)):
-        if k.shape != expected or v.shape != expected:
-            raise ValueError(f"{path}: layer {i} has shape {k.shape}, expected {expected}")
-    if len(tree.keys) != model.config.num_injection_layers:
+    for i, layer in enumerate(tree.layers):
+        if layer.shape != expected:
+            raise ValueError(f"{path}: layer {i} has shape {layer.shape}, expected {expected}")
+    if len(tree.layers) != model.config.num_injection_layers:
         raise ValueError(
-            f"{path} holds {len(tree.keys)} layers, the model injects in "
+            f"{path} holds {len(tree.layers)} layers, the model injects in "
             f"{model.config.num_injection_layers}"
         )
     return tree

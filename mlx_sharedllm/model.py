@@ -21,6 +21,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
+from .cache import TreeCache, TreeFormat
 from .config import SharedLLMConfig, check_chunk_len, head_dim
 from .tree import (
     ContextTree,
@@ -66,11 +67,11 @@ class Injection(nn.Module):
         self.o_proj = nn.Linear(inner, dim, bias=False)
         self.rope = make_rope(args)
 
-    def __call__(self, x: mx.array, keys: mx.array, values: mx.array, position: int) -> mx.array:
+    def __call__(self, x: mx.array, tree: TreeCache, position: int) -> mx.array:
         b, length, _ = x.shape
         q = self.q_proj(self.layernorm(x)).reshape(b, length, self.n_heads, -1)
         q = rotate_at(q.transpose(0, 2, 1, 3), self.rope, position)
-        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale)
+        out = tree.attention(q, self.scale)
         return x + self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
 
 
@@ -85,7 +86,7 @@ class DecoderLayer(llama.TransformerBlock):
     def __call__(self, x, mask=None, cache=None, tree_kv=None, position: int = 0) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
         if tree_kv is not None:
-            h = self.cross_attn(h, *tree_kv, position)
+            h = self.cross_attn(h, tree_kv, position)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -103,7 +104,7 @@ class UpperModel(nn.Module):
         h = self.embed_tokens(inputs)
         mask = create_attention_mask(h, cache[0])
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
-            tree_kv = tree.layer(i) if tree is not None and i < len(tree.keys) else None
+            tree_kv = tree.layer(i) if tree is not None and i < len(tree.layers) else None
             h = layer(h, mask, c, tree_kv, tree.query_position if tree else 0)
         return self.norm(h)
 
@@ -160,7 +161,11 @@ class SharedLLM(nn.Module):
     # -- compression ---------------------------------------------------------------
 
     def compress(
-        self, context: Any, query: Any, progress: Callable[[int, int], None] | None = None
+        self,
+        context: Any,
+        query: Any,
+        progress: Callable[[int, int], None] | None = None,
+        tree_format: TreeFormat | None = None,
     ) -> ContextTree:
         """Compress `context` into a context tree, guided by the running text `query`.
 
@@ -169,6 +174,7 @@ class SharedLLM(nn.Module):
         compressed and are returned in `tree.remainder`, for the caller to put in
         the running text. `query` is the (L,) or (1, L) running text. `progress`, if
         given, is called with (chunks done, chunks in all) as batches finish.
+        `tree_format` sets the storage (default: the model's float dtype).
         """
         chunks, remainder = self._as_chunks(context)
         n, chunk_len = chunks.shape
@@ -178,13 +184,22 @@ class SharedLLM(nn.Module):
         plan = plan_segments(
             n, chunk_len, self.config.tree_depth, self.config.layout, self._chooser(chunks, query)
         )
-        keys, values = self._encode_plan(chunks, plan, progress)
-        entries = keys[0].shape[2]
+        entries = sum(len(downsample_index(length, self.config.last_p)) for length in plan.lengths)
+        fmt = tree_format or TreeFormat(dtype=self.compute_dtype)
+        _, kv_heads, _, dim = self.tree_shape(n * entries)
+        caches = [
+            TreeCache(kv_heads, n * entries, dim, fmt)
+            for _ in range(self.config.num_injection_layers)
+        ]
         key_pos, query_pos = chunk_positions(n, entries, self.config.layout)
-        flat = [self._flatten(rotate_at(k, self.chunk_rope, mx.array(key_pos))) for k in keys]
+        for idx in self._batches(n):
+            for cache, (k, v) in zip(caches, self._encode_slots(chunks, plan, idx)):
+                k = rotate_at(k, self.chunk_rope, mx.array(key_pos[idx]))
+                cache.write(int(idx[0]) * entries, _chunk_major(k), _chunk_major(v))
+            mx.eval([(c.keys, c.values) for c in caches])
+            progress(int(idx[-1]) + 1, n)
         return ContextTree(
-            keys=flat,
-            values=[self._flatten(v) for v in values],
+            layers=caches,
             n_chunks=n,
             chunk_len=chunk_len,
             entries_per_chunk=entries,
@@ -197,6 +212,11 @@ class SharedLLM(nn.Module):
                 "query_sha256": _token_hash(mx.array(query)),
             },
         )
+
+    @property
+    def compute_dtype(self) -> str:
+        """The float dtype the model computes in (its norms are never quantized)."""
+        return str(self.model.norm.weight.dtype).rsplit(".", 1)[-1]
 
     def fingerprint(self) -> str:
         """A short hash that tells this model's weights and config from another's.
@@ -256,25 +276,23 @@ class SharedLLM(nn.Module):
         h = model.layers[0](model.embed_tokens(tokens), mask="causal")
         return model.norm(h[:, -1])
 
-    def _encode_plan(self, chunks: mx.array, plan: SegmentPlan, progress):
-        """Encode every planned segment with the lower model and downsample it.
+    def _encode_slots(self, chunks: mx.array, plan: SegmentPlan, idx: np.ndarray):
+        """Encode the planned segments of chunk slots `idx` with the lower model.
 
-        Returns per layer keys and values of shape (n, kv_heads, T, head_dim), with the
-        slot's segments joined along the sequence in plan order.
+        Returns per layer (keys, values) of shape (len(idx), kv_heads, T, head_dim), each
+        slot's downsampled segments joined along the sequence in plan order.
         """
-        m, n = self.config.num_injection_layers, plan.source.shape[0]
-        keys, values = [[] for _ in range(m)], [[] for _ in range(m)]
-        for idx in self._batches(n):
-            parts = [
-                self._encode(_gather(chunks, plan.source[idx, s], plan.start[idx, s], length))
-                for s, length in enumerate(plan.lengths)
-            ]
-            for i in range(m):
-                keys[i].append(mx.concatenate([p[i][0] for p in parts], axis=2))
-                values[i].append(mx.concatenate([p[i][1] for p in parts], axis=2))
-            mx.eval(keys, values)
-            progress(int(idx[-1]) + 1, n)
-        return [mx.concatenate(k) for k in keys], [mx.concatenate(v) for v in values]
+        parts = [
+            self._encode(_gather(chunks, plan.source[idx, s], plan.start[idx, s], length))
+            for s, length in enumerate(plan.lengths)
+        ]
+        return [
+            (
+                mx.concatenate([p[i][0] for p in parts], axis=2),
+                mx.concatenate([p[i][1] for p in parts], axis=2),
+            )
+            for i in range(self.config.num_injection_layers)
+        ]
 
     def _encode(self, tokens: mx.array) -> list[tuple[mx.array, mx.array]]:
         """Run the lower model on (B, len) segments; per layer, downsampled (keys, values)."""
@@ -290,11 +308,6 @@ class SharedLLM(nn.Module):
         size = self.config.compress_batch
         return [np.arange(i, min(i + size, n)) for i in range(0, n, size)]
 
-    @staticmethod
-    def _flatten(x: mx.array) -> mx.array:
-        n, kv, t, d = x.shape
-        return x.transpose(1, 0, 2, 3).reshape(1, kv, n * t, d)
-
 
 class _Capture:
     """Takes a KV cache's place in a lower layer, to keep its rotated keys and values."""
@@ -304,6 +317,12 @@ class _Capture:
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         self.keys, self.values = keys, values
         return keys, values
+
+
+def _chunk_major(x: mx.array) -> mx.array:
+    """(B, kv, T, D) per-slot entries -> (kv, B * T, D), slot after slot."""
+    b, kv, t, d = x.shape
+    return x.transpose(1, 0, 2, 3).reshape(kv, b * t, d)
 
 
 def _gather(chunks: mx.array, rows: np.ndarray, starts: np.ndarray, length: int) -> mx.array:

@@ -16,6 +16,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from .cache import TreeCache, TreeFormat
+
 # chooser(node_start, half) -> (n,) ints, 0 keeps the left half and 1 the right.
 HalfChooser = Callable[[np.ndarray, int], np.ndarray]
 
@@ -106,17 +108,17 @@ def chunk_positions(n: int, entries: int, layout: str) -> tuple[np.ndarray, int]
 
 @dataclass
 class ContextTree:
-    """Compressed key/value states of a long context, one entry list per injection layer.
+    """Compressed key/value states of a long context: one TreeCache per injection layer.
 
-    `keys[i]` and `values[i]` have shape (1, kv_heads, n_chunks * entries_per_chunk,
-    head_dim), chunk-major; keys are already rotated to their chunk position.
+    Each layer holds (1, kv_heads, n_chunks * entries_per_chunk, head_dim) keys and
+    values, chunk-major, keys already rotated to their chunk position, stored as
+    `layers[i].fmt` says (a float dtype or affine quantized).
     `remainder` holds the trailing tokens that did not fill a chunk (not compressed).
     `meta` records what the tree was built from: the model's fingerprint, the tree
     settings, and hashes of the context and query tokens.
     """
 
-    keys: list[mx.array]
-    values: list[mx.array]
+    layers: list[TreeCache]
     n_chunks: int
     chunk_len: int
     entries_per_chunk: int
@@ -128,8 +130,21 @@ class ContextTree:
     def num_entries(self) -> int:
         return self.n_chunks * self.entries_per_chunk
 
-    def layer(self, i: int) -> tuple[mx.array, mx.array]:
-        return self.keys[i], self.values[i]
+    @property
+    def keys(self) -> list[mx.array]:
+        """Every layer's keys as float arrays (dequantized when stored quantized)."""
+        return [layer.dequantized()[0] for layer in self.layers]
+
+    @property
+    def values(self) -> list[mx.array]:
+        return [layer.dequantized()[1] for layer in self.layers]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    def layer(self, i: int) -> TreeCache:
+        return self.layers[i]
 
     def per_chunk(self, x: mx.array) -> mx.array:
         """View a (1, kv, n*T, D) tree array as (n, kv, T, D)."""
@@ -137,12 +152,20 @@ class ContextTree:
         return x.reshape(kv, self.n_chunks, self.entries_per_chunk, d).transpose(1, 0, 2, 3)
 
     def save(self, path: str | Path) -> None:
-        """Write the tree and its metadata to a safetensors file at `path` (any name)."""
-        arrays = {f"keys.{i}": k for i, k in enumerate(self.keys)}
-        arrays.update({f"values.{i}": v for i, v in enumerate(self.values)})
+        """Write the tree, as stored (quantized or not), and its metadata to a safetensors
+        file at `path` (any name)."""
+        arrays = {}
+        for i, layer in enumerate(self.layers):
+            for kind, stored in (("keys", layer.keys), ("values", layer.values)):
+                parts = stored if isinstance(stored, tuple) else (stored,)
+                arrays.update({f"{kind}.{i}.{j}": a for j, a in enumerate(parts)})
         if self.remainder is not None:
             arrays["remainder"] = self.remainder
+        fmt = self.layers[0].fmt
         header = {
+            "layers": len(self.layers),
+            "shape": list(self.layers[0].shape),
+            "format": {"dtype": fmt.dtype, "bits": fmt.bits, "group_size": fmt.group_size},
             "n_chunks": self.n_chunks,
             "chunk_len": self.chunk_len,
             "entries_per_chunk": self.entries_per_chunk,
@@ -166,10 +189,19 @@ class ContextTree:
             if metadata.get("format") != TREE_FORMAT:
                 raise ValueError(f"not a saved context tree (format {metadata.get('format')!r})")
             header = json.loads(metadata["tree"])
-            layers = len([k for k in arrays if k.startswith("keys.")])
+            fmt = TreeFormat(**header["format"])
+            parts = 1 if fmt.bits is None else 3
+
+            def stored(kind: str, i: int):
+                found = tuple(arrays[f"{kind}.{i}.{j}"] for j in range(parts))
+                return found if fmt.bits is not None else found[0]
+
+            layers = [
+                TreeCache.from_arrays(fmt, header["shape"], stored("keys", i), stored("values", i))
+                for i in range(header["layers"])
+            ]
             return cls(
-                keys=[arrays[f"keys.{i}"] for i in range(layers)],
-                values=[arrays[f"values.{i}"] for i in range(layers)],
+                layers=layers,
                 n_chunks=int(header["n_chunks"]),
                 chunk_len=int(header["chunk_len"]),
                 entries_per_chunk=int(header["entries_per_chunk"]),
@@ -181,4 +213,4 @@ class ContextTree:
             raise ValueError(f"{path} is not a readable context tree: {e}") from None
 
 
-TREE_FORMAT = "mlx-sharedllm-context-tree/1"
+TREE_FORMAT = "mlx-sharedllm-context-tree/2"

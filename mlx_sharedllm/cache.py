@@ -1,0 +1,178 @@
+"""The tree cache: one preallocated key/value buffer per injection layer, and the
+attention that reads it.
+
+Keys are stored already rotated to their chunk position. Storage is a float dtype,
+or mx.quantize's affine format (bits 4 or 8) along head_dim, the format mlx-lm's
+QuantizedKVCache uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+FLOAT_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+TREE_BITS = (4, 8)
+TREE_GROUP_SIZES = (32, 64, 128)
+# Bytes of float32 scores one attention block may hold; bounds the prompt's peak.
+SCORE_BLOCK_BYTES = 1 << 25
+
+
+@dataclass(frozen=True)
+class TreeFormat:
+    """How tree entries are stored: a float dtype, or affine quantized bits/group_size."""
+
+    dtype: str = "float32"
+    bits: int | None = None
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"tree dtype must be one of {sorted(FLOAT_DTYPES)}, got {self.dtype}")
+        if self.bits is not None and self.bits not in TREE_BITS:
+            raise ValueError(f"tree bits must be one of {TREE_BITS}, got {self.bits}")
+        if self.bits is not None and self.group_size not in TREE_GROUP_SIZES:
+            raise ValueError(
+                f"tree group size must be one of {TREE_GROUP_SIZES}, got {self.group_size}"
+            )
+
+    def entry_bytes(self, head_dim: int) -> float:
+        """Bytes one stored vector of `head_dim` values takes."""
+        scalar = FLOAT_DTYPES[self.dtype].size
+        if self.bits is None:
+            return head_dim * scalar
+        return head_dim * self.bits / 8 + 2 * scalar * head_dim / self.group_size
+
+
+def _empty(shape: tuple[int, ...], fmt: TreeFormat) -> mx.array | tuple[mx.array, ...]:
+    dtype = FLOAT_DTYPES[fmt.dtype]
+    if fmt.bits is None:
+        return mx.zeros(shape, dtype)
+    *lead, d = shape
+    return (
+        mx.zeros((*lead, d * fmt.bits // 32), mx.uint32),
+        mx.zeros((*lead, d // fmt.group_size), dtype),
+        mx.zeros((*lead, d // fmt.group_size), dtype),
+    )
+
+
+class TreeCache:
+    """One injection layer's tree: keys and values of shape (1, kv_heads, capacity, head_dim)."""
+
+    def __init__(self, kv_heads: int, capacity: int, head_dim: int, fmt: TreeFormat):
+        if fmt.bits is not None and head_dim % fmt.group_size:
+            raise ValueError(
+                f"head_dim {head_dim} is not a multiple of group size {fmt.group_size}"
+            )
+        self.fmt = fmt
+        self.shape = (1, kv_heads, capacity, head_dim)
+        self.keys = _empty(self.shape, fmt)
+        self.values = _empty(self.shape, fmt)
+
+    @classmethod
+    def from_arrays(cls, fmt: TreeFormat, shape: tuple[int, ...], keys, values) -> TreeCache:
+        cache = cls.__new__(cls)
+        cache.fmt, cache.shape, cache.keys, cache.values = fmt, tuple(shape), keys, values
+        return cache
+
+    @property
+    def capacity(self) -> int:
+        return self.shape[2]
+
+    def write(self, offset: int, keys: mx.array, values: mx.array) -> None:
+        """Store (kv_heads, n, head_dim) keys and values at entries offset..offset+n."""
+        end = offset + keys.shape[-2]
+        if end > self.capacity:
+            raise ValueError(f"tree cache overflow: {end} entries > capacity {self.capacity}")
+        self.keys = self._put(self.keys, offset, end, keys)
+        self.values = self._put(self.values, offset, end, values)
+
+    def _put(self, buffer, start: int, end: int, x: mx.array):
+        x = x.astype(FLOAT_DTYPES[self.fmt.dtype])
+        if self.fmt.bits is None:
+            buffer[0, :, start:end] = x
+            return buffer
+        parts = mx.quantize(x, group_size=self.fmt.group_size, bits=self.fmt.bits)
+        for stored, part in zip(buffer, parts):
+            stored[0, :, start:end] = part
+        return buffer
+
+    def dequantized(self) -> tuple[mx.array, mx.array]:
+        """Float (1, kv_heads, capacity, head_dim) keys and values."""
+        return self._float(self.keys), self._float(self.values)
+
+    def _float(self, stored) -> mx.array:
+        if self.fmt.bits is None:
+            return stored
+        return mx.dequantize(*stored, group_size=self.fmt.group_size, bits=self.fmt.bits)
+
+    @property
+    def nbytes(self) -> int:
+        stored = [self.keys, self.values]
+        if self.fmt.bits is not None:
+            stored = [a for t in stored for a in t]
+        return sum(a.nbytes for a in stored)
+
+    def attention(self, queries: mx.array, scale: float) -> mx.array:
+        """softmax(q K^T * scale) V over the whole tree, for (B, heads, L, head_dim) queries."""
+        return tree_attention(queries, self, scale)
+
+
+def _blocks(stored, start: int, end: int):
+    if isinstance(stored, tuple):
+        return tuple(a[..., start:end, :] for a in stored)
+    return stored[..., start:end, :]
+
+
+def _scores(q: mx.array, keys, fmt: TreeFormat) -> mx.array:
+    if fmt.bits is None:
+        return q @ keys.swapaxes(-1, -2).astype(q.dtype)
+    return mx.quantized_matmul(q, *keys, transpose=True, group_size=fmt.group_size, bits=fmt.bits)
+
+
+def _weighted(p: mx.array, values, fmt: TreeFormat) -> mx.array:
+    if fmt.bits is None:
+        return p @ values.astype(p.dtype)
+    return mx.quantized_matmul(
+        p, *values, transpose=False, group_size=fmt.group_size, bits=fmt.bits
+    )
+
+
+def _expand(stored):
+    """(1, kv, S, x) -> (1, kv, 1, S, x): broadcast over the query heads of a group."""
+    if isinstance(stored, tuple):
+        return tuple(mx.expand_dims(a, 2) for a in stored)
+    return mx.expand_dims(stored, 2)
+
+
+def tree_attention(
+    queries: mx.array, cache: TreeCache, scale: float, block: int | None = None
+) -> mx.array:
+    """Attention of (B, heads, L, D) queries over the tree, without a mask.
+
+    Keys are read in blocks with an online softmax, so no (L x tree length) score
+    matrix is ever held whole; quantized trees are read with mx.quantized_matmul.
+    """
+    b, heads, length, d = queries.shape
+    kv = cache.shape[1]
+    q = (queries * scale).reshape(b, kv, heads // kv, length, d)
+    keys, values = _expand(cache.keys), _expand(cache.values)
+    total = cache.capacity
+    block = block or max(256, SCORE_BLOCK_BYTES // (4 * b * heads * length))
+    top = denom = out = None
+    for start in range(0, total, block):
+        end = min(start + block, total)
+        s = _scores(q, _blocks(keys, start, end), cache.fmt).astype(mx.float32)
+        block_top = s.max(axis=-1, keepdims=True)
+        new_top = block_top if top is None else mx.maximum(top, block_top)
+        p = mx.exp(s - new_top)
+        part = _weighted(p.astype(queries.dtype), _blocks(values, start, end), cache.fmt)
+        if top is None:
+            denom, out = p.sum(axis=-1, keepdims=True), part.astype(mx.float32)
+        else:
+            fix = mx.exp(top - new_top)
+            denom = denom * fix + p.sum(axis=-1, keepdims=True)
+            out = out * fix + part
+        top = new_top
+    return (out / denom).astype(queries.dtype).reshape(b, heads, length, d)
