@@ -101,7 +101,7 @@ def run_generate(
     *,
     verbose: bool,
     chat_template: bool | None,
-    sampling: dict[str, Any],
+    options: dict[str, Any],
 ) -> None:
     path = resolve_model(model_ref)
     model, tokenizer = load_model(path)
@@ -126,7 +126,7 @@ def run_generate(
             ids,
             chat_template=chat_template,
             progress=_CompressBar(model.config.chunk_len),
-            **sampling,
+            **options,
         ):
             sys.stdout.write(response.text)
             sys.stdout.flush()

@@ -155,44 +155,38 @@ def demo_book_command() -> None:
     default=None,
     help="Wrap the prompt in the chat template (default: when the tokenizer has one).",
 )
+@click.option(
+    "--tree-bits",
+    type=click.Choice(["4", "8"]),
+    default=None,
+    help="Store the context tree quantized (default: the model's float dtype).",
+)
+@click.option(
+    "--tree-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True
+)
+@click.option(
+    "--kv-bits",
+    type=click.Choice(["4", "8"]),
+    default=None,
+    help="Quantize the upper model's own KV cache (mlx-lm's QuantizedKVCache).",
+)
+@click.option(
+    "--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True
+)
 @click.option("--verbose", is_flag=True, help="Say more about each step.")
 def generate_command(
-    file_,
-    encoding,
-    prompt,
-    prompt_file,
-    model,
-    max_tokens,
-    temp,
-    top_p,
-    min_p,
-    top_k,
-    repetition_penalty,
-    seed,
-    chat_template,
-    verbose,
+    file_, encoding, prompt, prompt_file, model, chat_template, verbose, **options
 ) -> None:
     """Answer a prompt about a long text (--file) that need not fit the model's window."""
     from .generate_cli import run_generate
 
+    for name in ("tree_bits", "tree_group_size", "kv_bits", "kv_group_size"):
+        options[name] = None if options[name] is None else int(options[name])
     try:
         question = read_prompt(prompt, prompt_file)
         text = read_text_file(file_, encoding) if file_ else None
         run_generate(
-            question,
-            text,
-            model,
-            verbose=verbose,
-            chat_template=chat_template,
-            sampling=dict(
-                max_tokens=max_tokens,
-                temp=temp,
-                top_p=top_p,
-                min_p=min_p,
-                top_k=top_k,
-                repetition_penalty=repetition_penalty,
-                seed=seed,
-            ),
+            question, text, model, verbose=verbose, chat_template=chat_template, options=options
         )
     except InputError as e:
         raise click.ClickException(str(e)) from None

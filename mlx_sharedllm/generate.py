@@ -20,6 +20,7 @@ from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .cache import TreeFormat
 from .model import SharedLLM
 from .tree import ContextTree
 
@@ -110,6 +111,7 @@ def prepare_context(
     context: str | ContextTree | Any | None,
     prompt_ids: np.ndarray,
     progress: Progress | None = None,
+    tree_format: TreeFormat | None = None,
 ) -> PreparedContext:
     """Compress the context and build the running text.
 
@@ -136,7 +138,7 @@ def prepare_context(
             progress("compress", done, total)
 
     tic = time.perf_counter()
-    tree = model.compress(mx.array(ids), mx.array(prompt_ids), progress=chunk_progress)
+    tree = model.compress(mx.array(ids), mx.array(prompt_ids), chunk_progress, tree_format)
     return _prepared(tree, prompt_ids, time.perf_counter() - tic)
 
 
@@ -168,9 +170,17 @@ def stream_generate(
     seed: int | None = None,
     chat_template: bool | None = None,
     progress: Progress | None = None,
+    tree_bits: int | None = None,
+    tree_group_size: int = 64,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
 ) -> Iterator[GenerationResponse]:
     """Answer `prompt` about `context` (a string, token ids, or a compressed ContextTree),
-    yielding a response per generated token with the text so far and the stats."""
+    yielding a response per generated token with the text so far and the stats.
+
+    `tree_bits` (4 or 8) stores a newly compressed tree quantized, with `tree_group_size`;
+    `kv_bits` quantizes the upper model's own KV cache (mlx-lm's QuantizedKVCache).
+    """
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     prompt_ids = encode_prompt(tokenizer, prompt, chat_template)
@@ -179,7 +189,13 @@ def stream_generate(
         raise ValueError(
             f"the prompt is {len(prompt_ids)} tokens, longer than the model's window ({window})"
         )
-    prepared = prepare_context(model, tokenizer, context, prompt_ids, progress)
+    tree_format = TreeFormat(model.compute_dtype, tree_bits, tree_group_size)
+    head_dim = model.tree_shape(0)[3]
+    if kv_bits is not None and head_dim % kv_group_size:
+        raise ValueError(
+            f"head_dim {head_dim} is not a multiple of --kv-group-size {kv_group_size}"
+        )
+    prepared = prepare_context(model, tokenizer, context, prompt_ids, progress, tree_format)
     if seed is not None:
         mx.random.seed(seed)
     responses = mlx_lm_stream_generate(
@@ -190,6 +206,9 @@ def stream_generate(
         sampler=make_sampler(temp, top_p, min_p, top_k=top_k),
         logits_processors=make_logits_processors(repetition_penalty=repetition_penalty),
         prompt_cache=model.make_cache(),
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        quantized_kv_start=0,
     )
     for response in responses:
         yield GenerationResponse(**vars(response), **prepared.stats)
