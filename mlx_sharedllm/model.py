@@ -265,16 +265,31 @@ class SharedLLM(nn.Module):
             for idx in self._batches(len(node)):
                 halves = [_gather(chunks, idx, node[idx] + side * half, half) for side in (0, 1)]
                 vecs = _unit(self._layer0_state(self.lower, mx.concatenate(halves)))
-                scores.append((vecs @ q_vec).reshape(2, -1))
-            scores = np.array(mx.concatenate(scores, axis=1))
+                # One batch at a time, so memory does not grow with the number of chunks.
+                scores.append(np.array((vecs @ q_vec).reshape(2, -1)))
+            scores = np.concatenate(scores, axis=1)
             return pick_halves(scores[0], scores[1], self.config.layout)
 
         return choose
 
     def _layer0_state(self, model: nn.Module, tokens: mx.array) -> mx.array:
-        """The policy's vector: embedding, the whole layer 0, final norm, last token."""
-        h = model.layers[0](model.embed_tokens(tokens), mask="causal")
-        return model.norm(h[:, -1])
+        """The policy's vector: embedding, the whole layer 0, final norm, last token.
+
+        Under the causal mask the last token's output needs every token's key and
+        value but only its own query and MLP, so only those are computed.
+        """
+        layer, x = model.layers[0], model.embed_tokens(tokens)
+        attn, (b, length, _) = layer.self_attn, x.shape
+        h = layer.input_layernorm(x)
+        keys = attn.k_proj(h).reshape(b, length, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        values = attn.v_proj(h).reshape(b, length, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        query = attn.q_proj(h[:, -1:]).reshape(b, 1, attn.n_heads, -1).transpose(0, 2, 1, 3)
+        query = attn.rope(query, offset=length - 1)
+        out = mx.fast.scaled_dot_product_attention(
+            query, attn.rope(keys), values, scale=attn.scale
+        )
+        x = x[:, -1] + attn.o_proj(out.reshape(b, -1))
+        return model.norm(x + layer.mlp(layer.post_attention_layernorm(x)))
 
     def _encode_slots(self, chunks: mx.array, plan: SegmentPlan, idx: np.ndarray):
         """Encode the planned segments of chunk slots `idx` with the lower model.
