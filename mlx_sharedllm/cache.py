@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 FLOAT_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 TREE_BITS = (4, 8)
@@ -36,6 +37,13 @@ class TreeFormat:
             raise ValueError(
                 f"tree group size must be one of {TREE_GROUP_SIZES}, got {self.group_size}"
             )
+
+    def store(self, x: mx.array) -> list[mx.array]:
+        """x in this format: [cast x], or mx.quantize's [weight, scales, biases]."""
+        x = x.astype(FLOAT_DTYPES[self.dtype])
+        if self.bits is None:
+            return [x]
+        return list(mx.quantize(x, group_size=self.group_size, bits=self.bits))
 
     def entry_bytes(self, head_dim: int) -> float:
         """Bytes one stored vector of `head_dim` values takes."""
@@ -82,21 +90,20 @@ class TreeCache:
 
     def write(self, offset: int, keys: mx.array, values: mx.array) -> None:
         """Store (kv_heads, n, head_dim) keys and values at entries offset..offset+n."""
-        end = offset + keys.shape[-2]
-        if end > self.capacity:
-            raise ValueError(f"tree cache overflow: {end} entries > capacity {self.capacity}")
-        self.keys = self._put(self.keys, offset, end, keys)
-        self.values = self._put(self.values, offset, end, values)
+        n = keys.shape[-2]
+        self.write_stored([offset], n, self.fmt.store(keys), self.fmt.store(values))
 
-    def _put(self, buffer, start: int, end: int, x: mx.array):
-        x = x.astype(FLOAT_DTYPES[self.fmt.dtype])
-        if self.fmt.bits is None:
-            buffer[0, :, start:end] = x
-            return buffer
-        parts = mx.quantize(x, group_size=self.fmt.group_size, bits=self.fmt.bits)
-        for stored, part in zip(buffer, parts):
-            stored[0, :, start:end] = part
-        return buffer
+    def write_stored(self, dest, n: int, keys: list[mx.array], values: list[mx.array]) -> None:
+        """Write entries already in this cache's format, (kv_heads, B * n, ...) each, so
+        that batch row b lands at entries dest[b] .. dest[b] + n - 1."""
+        starts = np.asarray(dest, dtype=np.int64).reshape(-1)
+        if starts.size and (starts.min() < 0 or starts.max() + n > self.capacity):
+            raise ValueError(
+                f"tree cache overflow: {starts.max() + n} entries > capacity {self.capacity}"
+            )
+        index = mx.array((starts[:, None] + np.arange(n)[None]).reshape(-1).astype(np.int32))
+        self.keys = _scatter(self.keys, index, keys)
+        self.values = _scatter(self.values, index, values)
 
     def dequantized(self) -> tuple[mx.array, mx.array]:
         """Float (1, kv_heads, capacity, head_dim) keys and values."""
@@ -114,9 +121,12 @@ class TreeCache:
             stored = [a for t in stored for a in t]
         return sum(a.nbytes for a in stored)
 
-    def attention(self, queries: mx.array, scale: float) -> mx.array:
-        """softmax(q K^T * scale) V over the whole tree, for (B, heads, L, head_dim) queries."""
-        return tree_attention(queries, self, scale)
+
+def _scatter(stored, index: mx.array, parts: list[mx.array]):
+    buffers = stored if isinstance(stored, tuple) else (stored,)
+    for buffer, part in zip(buffers, parts):
+        buffer[:, :, index] = part[None]
+    return buffers if isinstance(stored, tuple) else buffers[0]
 
 
 def _blocks(stored, start: int, end: int):
@@ -175,4 +185,7 @@ def tree_attention(
             denom = denom * fix + p.sum(axis=-1, keepdims=True)
             out = out * fix + part
         top = new_top
+        if end < total:
+            # MLX would otherwise schedule several blocks at once, holding their scores.
+            mx.eval(top, denom, out)
     return (out / denom).astype(queries.dtype).reshape(b, heads, length, d)

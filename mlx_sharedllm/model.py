@@ -23,6 +23,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from .cache import TreeCache, TreeFormat
 from .config import SharedLLMConfig, check_chunk_len, head_dim
+from .kernels import inject_attention, rotate_at, tree_compress
 from .tree import (
     ContextTree,
     SegmentPlan,
@@ -45,12 +46,6 @@ def make_rope(args: llama.ModelArgs) -> nn.Module:
     )
 
 
-def rotate_at(x: mx.array, rope: nn.Module, positions: mx.array | int) -> mx.array:
-    """Rotate every vector of x (B, heads, L, D) to one position per batch row."""
-    b, h, length, d = x.shape
-    return rope(x.reshape(b, h * length, 1, d), offset=positions).reshape(b, h, length, d)
-
-
 class Injection(nn.Module):
     """Cross-attention from the upper model's hidden states over the context tree.
 
@@ -71,7 +66,7 @@ class Injection(nn.Module):
         b, length, _ = x.shape
         q = self.q_proj(self.layernorm(x)).reshape(b, length, self.n_heads, -1)
         q = rotate_at(q.transpose(0, 2, 1, 3), self.rope, position)
-        out = tree.attention(q, self.scale)
+        out = inject_attention(q, tree, self.scale)
         return x + self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
 
 
@@ -193,9 +188,9 @@ class SharedLLM(nn.Module):
         ]
         key_pos, query_pos = chunk_positions(n, entries, self.config.layout)
         for idx in self._batches(n):
+            positions, keep = mx.array(key_pos[idx]), mx.arange(entries)
             for cache, (k, v) in zip(caches, self._encode_slots(chunks, plan, idx)):
-                k = rotate_at(k, self.chunk_rope, mx.array(key_pos[idx]))
-                cache.write(int(idx[0]) * entries, _chunk_major(k), _chunk_major(v))
+                tree_compress(k, v, keep, positions, idx * entries, self.chunk_rope, cache)
             mx.eval([(c.keys, c.values) for c in caches])
             progress(int(idx[-1]) + 1, n)
         return ContextTree(
@@ -285,9 +280,7 @@ class SharedLLM(nn.Module):
         values = attn.v_proj(h).reshape(b, length, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
         query = attn.q_proj(h[:, -1:]).reshape(b, 1, attn.n_heads, -1).transpose(0, 2, 1, 3)
         query = attn.rope(query, offset=length - 1)
-        out = mx.fast.scaled_dot_product_attention(
-            query, attn.rope(keys), values, scale=attn.scale
-        )
+        out = mx.fast.scaled_dot_product_attention(query, attn.rope(keys), values, scale=attn.scale)
         x = x[:, -1] + attn.o_proj(out.reshape(b, -1))
         return model.norm(x + layer.mlp(layer.post_attention_layernorm(x)))
 
@@ -332,12 +325,6 @@ class _Capture:
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         self.keys, self.values = keys, values
         return keys, values
-
-
-def _chunk_major(x: mx.array) -> mx.array:
-    """(B, kv, T, D) per-slot entries -> (kv, B * T, D), slot after slot."""
-    b, kv, t, d = x.shape
-    return x.transpose(1, 0, 2, 3).reshape(kv, b * t, d)
 
 
 def _gather(chunks: mx.array, rows: np.ndarray, starts: np.ndarray, length: int) -> mx.array:

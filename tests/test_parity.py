@@ -6,7 +6,7 @@ import pytest
 from conftest import CASES, FIXTURES, assert_close
 
 from mlx_sharedllm import load
-from mlx_sharedllm.model import rotate_at
+from mlx_sharedllm.kernels import rotate_at
 from mlx_sharedllm.tree import chunk_positions
 
 ATOL = 1e-4
