@@ -99,12 +99,20 @@ def run_generate(
     source: TextSource | None,
     model_ref: str | None,
     *,
+    adapter: Path | None = None,
     verbose: bool,
     chat_template: bool | None,
     options: dict[str, Any],
 ) -> None:
     path = resolve_model(model_ref)
     model, tokenizer = load_model(path)
+    if adapter is not None:
+        from ..adapters import load_adapter
+
+        try:
+            load_adapter(model, adapter)
+        except (ValueError, FileNotFoundError) as e:
+            raise InputError(str(e)) from None
     if verbose:
         click.echo(f"model: {path} (fingerprint {model.fingerprint()})", err=True)
     if model.config.injection != "trained":

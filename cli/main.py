@@ -14,6 +14,7 @@ from ..convert.stack import INITS, StackOptions
 from ..convert.tables import ConversionError
 from ..convert.torch_bin import CheckpointError
 from .inputs import InputError, read_prompt, read_text_file
+from .train_cli import fuse_command, train_command
 
 EXIT_INTERRUPTED = 130
 
@@ -173,9 +174,15 @@ def demo_book_command() -> None:
 @click.option(
     "--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True
 )
+@click.option(
+    "--adapter",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="An adapter folder written by `train`.",
+)
 @click.option("--verbose", is_flag=True, help="Say more about each step.")
 def generate_command(
-    file_, encoding, prompt, prompt_file, model, chat_template, verbose, **options
+    file_, encoding, prompt, prompt_file, model, adapter, chat_template, verbose, **options
 ) -> None:
     """Answer a prompt about a long text (--file) that need not fit the model's window."""
     from .generate_cli import run_generate
@@ -186,10 +193,20 @@ def generate_command(
         question = read_prompt(prompt, prompt_file)
         text = read_text_file(file_, encoding) if file_ else None
         run_generate(
-            question, text, model, verbose=verbose, chat_template=chat_template, options=options
+            question,
+            text,
+            model,
+            adapter=adapter,
+            verbose=verbose,
+            chat_template=chat_template,
+            options=options,
         )
     except InputError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         tqdm.write("\ninterrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+
+
+cli.add_command(train_command)
+cli.add_command(fuse_command)

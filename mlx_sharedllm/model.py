@@ -161,6 +161,7 @@ class SharedLLM(nn.Module):
         query: Any,
         progress: Callable[[int, int], None] | None = None,
         tree_format: TreeFormat | None = None,
+        splits: list[int] | None = None,
     ) -> ContextTree:
         """Compress `context` into a context tree, guided by the running text `query`.
 
@@ -169,15 +170,17 @@ class SharedLLM(nn.Module):
         compressed and are returned in `tree.remainder`, for the caller to put in
         the running text. `query` is the (L,) or (1, L) running text. `progress`, if
         given, is called with (chunks done, chunks in all) as batches finish.
-        `tree_format` sets the storage (default: the model's float dtype).
+        `tree_format` sets the storage (default: the model's float dtype). `splits`
+        gives the preserved size per level (training's split noise; default: halves).
         """
         chunks, remainder = self._as_chunks(context)
         n, chunk_len = chunks.shape
         check_chunk_len(chunk_len, self.config.tree_depth)
         progress = progress or (lambda done, total: None)
         progress(0, n)
+        chooser = self._chooser(chunks, query)
         plan = plan_segments(
-            n, chunk_len, self.config.tree_depth, self.config.layout, self._chooser(chunks, query)
+            n, chunk_len, self.config.tree_depth, self.config.layout, chooser, splits
         )
         entries = sum(len(downsample_index(length, self.config.last_p)) for length in plan.lengths)
         fmt = tree_format or TreeFormat(dtype=self.compute_dtype)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,22 +78,34 @@ class SegmentPlan:
 
 
 def plan_segments(
-    n: int, chunk_len: int, depth: int, layout: str, choose: HalfChooser
+    n: int,
+    chunk_len: int,
+    depth: int,
+    layout: str,
+    choose: HalfChooser,
+    preserved: Sequence[int] | None = None,
 ) -> SegmentPlan:
-    """Walk the tree of every chunk at once, recording which segments are preserved."""
+    """Walk the tree of every chunk at once, recording which segments are preserved.
+
+    The policy always compares the two exact halves of a node. `preserved[d]` is how
+    many tokens the part not kept gets at level d (default: half, as at inference;
+    training's split noise moves it, the same for every chunk so the tree stays
+    regular).
+    """
+    if preserved is None:
+        preserved = [chunk_len >> (d + 1) for d in range(depth - 1)]
     node, length = np.zeros(n, dtype=np.int64), chunk_len
-    preserved: list[tuple[np.ndarray, int]] = []
-    for _ in range(depth - 1):
-        half = length // 2
-        keep = np.asarray(choose(node, half), dtype=np.int64)
-        preserved.append((node + (1 - keep) * half, half))
-        node, length = node + keep * half, half
+    kept_out: list[tuple[np.ndarray, int]] = []
+    for size in preserved:
+        keep = np.asarray(choose(node, length // 2), dtype=np.int64)
+        kept_out.append((node + (1 - keep) * (length - size), size))
+        node, length = node + keep * size, length - size
     leaf = length // 2  # an odd last node loses its last token
     rows = leaf_rows(n, layout)
-    sources = [r // 2 for r in rows] + [np.arange(n)] * len(preserved)
+    sources = [r // 2 for r in rows] + [np.arange(n)] * len(kept_out)
     starts = [node[r // 2] + (r % 2) * leaf for r in rows]
-    starts += [start for start, _ in reversed(preserved)]
-    lengths = [leaf, leaf] + [half for _, half in reversed(preserved)]
+    starts += [start for start, _ in reversed(kept_out)]
+    lengths = [leaf, leaf] + [size for _, size in reversed(kept_out)]
     return SegmentPlan(np.stack(sources, 1), np.stack(starts, 1), lengths)
 
 

@@ -1,0 +1,196 @@
+"""`mlx-sharedllm train` and `mlx-sharedllm fuse`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..adapters import GROUPS
+from ..train import DTYPES, Instructions, TextLM, TrainConfig
+from .inputs import InputError
+
+EXIT_INTERRUPTED = 130
+
+
+def _task(files: tuple[Path, ...], task: str) -> str:
+    if task != "auto":
+        return task
+    kinds = {f.suffix == ".jsonl" for f in files}
+    if len(kinds) > 1:
+        raise InputError("mixed .jsonl and text files: pass --task lm or --task sft")
+    return "sft" if kinds == {True} else "lm"
+
+
+def make_source(files, task: str, tokenizer, config, options: dict, seed: int):
+    """The examples of `files`: language modelling on text, or JSONL instructions."""
+    if task == "sft":
+        return Instructions(
+            files,
+            tokenizer,
+            config.chunk_len,
+            chat_template=options["chat_template"],
+            seed=seed,
+            encoding=options["encoding"],
+        )
+    if tokenizer is None:
+        raise InputError("the model has no tokenizer, so it cannot read text files")
+    return TextLM(
+        files,
+        tokenizer,
+        config.chunk_len,
+        context_chunks=options["context_chunks"],
+        window=options["window"],
+        seed=seed,
+        encoding=options["encoding"],
+    )
+
+
+def _groups(value: str) -> tuple[str, ...]:
+    groups = tuple(g.strip() for g in value.split(",") if g.strip())
+    if not groups or set(groups) - set(GROUPS):
+        raise click.BadParameter(f"name some of {', '.join(GROUPS)}, comma-separated")
+    return groups
+
+
+@click.command("train")
+@click.option(
+    "--model",
+    default=None,
+    help="A converted model folder or Hub repo (default: the embedded one).",
+)
+@click.option(
+    "--data",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Text files (language modelling) or .jsonl files of {context, prompt, response}.",
+)
+@click.option("--eval-data", multiple=True, type=click.Path(path_type=Path), help="Held-out data.")
+@click.option(
+    "--task",
+    type=click.Choice(["auto", "lm", "sft"]),
+    default="auto",
+    show_default=True,
+    help="lm: text, loss on the next window; sft: JSONL, loss on the response; auto: by suffix.",
+)
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in OUT.")
+@click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option(
+    "--grad-accum",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Examples per optimizer step.",
+)
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate.")
+@click.option("--warmup", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option("--min-lr", type=float, default=0.0, show_default=True, help="Cosine decay floor.")
+@click.option("--weight-decay", type=float, default=0.01, show_default=True)
+@click.option("--clip-norm", type=float, default=1.0, show_default=True)
+@click.option("--eval-every", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--eval-examples", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--save-every", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--train",
+    "groups",
+    default="injection",
+    show_default=True,
+    help="What learns: injection, upper (the top N-M layers), head; comma-separated.",
+)
+@click.option(
+    "--split-noise",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Split noise sigma per node length (default 0.2 for lm, 0.1 for sft; 0: off).",
+)
+@click.option(
+    "--context-chunks",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="lm: chunks of context (X_C) per example.",
+)
+@click.option(
+    "--window",
+    type=click.IntRange(min=1),
+    default=None,
+    help="lm: tokens of running text (X_D) per example (default: chunk_len).",
+)
+@click.option("--chat-template/--no-chat-template", default=None, help="sft: format prompts.")
+@click.option(
+    "--dtype",
+    type=click.Choice(sorted(DTYPES)),
+    default="float32",
+    show_default=True,
+    help="Train in this dtype (the adapter still fits the model as stored).",
+)
+@click.option("--encoding", default="utf-8", show_default=True, help="The data's text encoding.")
+def train_command(model, data, eval_data, task, out, resume, groups, **options) -> None:
+    """Train the context injection of a model on DATA; write an adapter to OUT.
+
+    The lower model stays frozen. OUT gets adapter.safetensors + adapter.json (use them
+    with `generate --adapter` or `fuse`), a checkpoint/ to --resume from, and log.jsonl.
+    Ctrl-C stops after the current step, with a checkpoint saved.
+    """
+    from ..train import train
+
+    try:
+        config = TrainConfig(**_train_options(options, _groups(groups)))
+        shared, tokenizer = _load(model)
+        kind = _task(data, task)
+        train_source = make_source(data, kind, tokenizer, shared.config, options, config.seed)
+        held_out = eval_data and make_source(
+            eval_data, kind, tokenizer, shared.config, options, config.seed
+        )
+        result = train(shared, train_source, out, config, held_out or None, resume)
+    except (InputError, ValueError, FileExistsError) as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted; the checkpoint in {out} resumes with --resume", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    evaluated = "" if result.eval_loss is None else f", eval loss {result.eval_loss:.4f}"
+    click.echo(
+        f"trained {result.steps} steps in {result.seconds:.0f}s: loss {result.loss:.4f}"
+        f"{evaluated}; adapter in {out}",
+        err=True,
+    )
+
+
+def _train_options(options: dict, groups: tuple[str, ...]) -> dict:
+    names = ("steps", "grad_accum", "warmup", "min_lr", "weight_decay", "clip_norm", "seed")
+    names += ("eval_every", "eval_examples", "save_every", "split_noise", "dtype")
+    picked = {name: options[name] for name in names}
+    return {**picked, "learning_rate": options["lr"], "train": groups}
+
+
+def _load(ref: str | None):
+    from ..loading import load
+    from .generate_cli import resolve_model
+
+    path = resolve_model(ref)
+    try:
+        return load(path)
+    except Exception as e:  # any failure here means unusable weights or config
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"cannot load the model in {path}: {reason}") from None
+
+
+@click.command("fuse")
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--model", default=None, help="The adapter's base model (default: the embedded one).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def fuse_command(adapter: Path, out: Path, model: str | None, force: bool) -> None:
+    """Write OUT: the model with the ADAPTER folder (from `train`) merged in."""
+    from ..adapters import fuse
+    from .generate_cli import resolve_model
+
+    try:
+        fuse(resolve_model(model), adapter, out, force=force)
+    except (InputError, ValueError, FileExistsError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {out}", err=True)

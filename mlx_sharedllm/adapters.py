@@ -1,0 +1,129 @@
+"""Adapters: the trained weights alone, loaded onto their base model or fused into it.
+
+An adapter is a folder with `adapter.safetensors` (the trained parameters, by name)
+and `adapter.json` (which parameters, and the fingerprint of the base model they were
+trained from, so an adapter is never applied to another model).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .model import SharedLLM
+
+ADAPTER_FORMAT = "mlx-sharedllm-adapter/1"
+ADAPTER_WEIGHTS, ADAPTER_JSON = "adapter.safetensors", "adapter.json"
+ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_JSON)
+# What can train: the injection blocks, the upper model's top N-M layers, the output head.
+GROUPS = ("injection", "upper", "head")
+
+
+def trainable_modules(model: SharedLLM, groups: tuple[str, ...]) -> list[nn.Module]:
+    """The modules the named groups train; the lower model is never among them."""
+    m, layers = model.config.num_injection_layers, model.layers
+    modules: list[nn.Module] = []
+    if "injection" in groups:
+        modules += [layers[i].cross_attn for i in range(m)]
+    if "upper" in groups:
+        modules += layers[m:]
+    if "head" in groups:
+        if model.config.upper.tie_word_embeddings:
+            raise ValueError(
+                "this model ties its output head to the embedding: 'head' cannot train"
+            )
+        modules.append(model.lm_head)
+    return modules
+
+
+def set_trainable(model: SharedLLM, groups: tuple[str, ...]) -> None:
+    """Freeze the whole model, then unfreeze the named groups."""
+    model.freeze()
+    for module in trainable_modules(model, groups):
+        module.unfreeze()
+    if not tree_flatten(model.trainable_parameters()):
+        raise ValueError(f"{groups} name no parameters of this model")
+
+
+def save_adapter(
+    folder: str | Path, model: SharedLLM, base_fingerprint: str, extra: dict | None = None
+) -> None:
+    """Write the model's trainable parameters as an adapter into `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    mx.save_safetensors(str(folder / ADAPTER_WEIGHTS), weights)
+    meta = {
+        "format": ADAPTER_FORMAT,
+        "base_fingerprint": base_fingerprint,
+        "parameters": {name: list(w.shape) for name, w in sorted(weights.items())},
+        "tree": model.config.tree_dict(),
+        **(extra or {}),
+    }
+    (folder / ADAPTER_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, mx.array]]:
+    """(metadata, weights) of an adapter folder, or of a file inside one."""
+    folder = Path(path)
+    folder = folder.parent if folder.is_file() else folder
+    try:
+        meta = json.loads((folder / ADAPTER_JSON).read_text())
+        weights = mx.load(str(folder / ADAPTER_WEIGHTS))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a readable adapter: {e}") from None
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{path} is not an adapter (format {meta.get('format')!r})")
+    return meta, weights
+
+
+def load_adapter(
+    model: SharedLLM, path: str | Path, check_fingerprint: bool = True
+) -> dict[str, Any]:
+    """Put an adapter's weights into `model`, refusing one trained from another model.
+
+    The model's config then says `injection = "trained"`. Returns the adapter's metadata.
+    """
+    meta, weights = read_adapter(path)
+    ours = model.fingerprint()
+    if check_fingerprint and meta.get("base_fingerprint") != ours:
+        raise ValueError(
+            f"{path} was trained from a different model (fingerprint "
+            f"{meta.get('base_fingerprint')}, this model is {ours})"
+        )
+    params = dict(tree_flatten(model.parameters()))
+    for name, value in weights.items():
+        if name not in params:
+            raise ValueError(f"{path}: the model has no parameter {name}")
+        if value.shape != params[name].shape:
+            raise ValueError(
+                f"{path}: {name} has shape {value.shape}, the model's is {params[name].shape}"
+            )
+    model.load_weights([(k, v.astype(params[k].dtype)) for k, v in weights.items()], strict=False)
+    mx.eval(model.parameters())
+    model.config.injection = "trained"
+    return meta
+
+
+def fuse(model_path: str | Path, adapter_path: str | Path, out: str | Path, force: bool = False):
+    """Write a model folder `out`: the model at `model_path` with the adapter merged in.
+
+    The folder is written to a temporary place and renamed, like `convert`; the
+    tokenizer and the other side files are copied from `model_path`.
+    """
+    from .convert.checkpoint import _save, _write_atomically
+    from .loading import load
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    model, _ = load(model_path)
+    load_adapter(model, adapter_path)
+    config = model.config.to_dict()
+    _write_atomically(out, force, lambda tmp: _save(tmp, Path(model_path), model, config))
+    return out

@@ -1,0 +1,611 @@
+"""Train the injection: data, split noise, the training loop and its checkpoints.
+
+Every example has its own context tree, built by `model.compress` outside the gradient:
+the lower model is frozen and no gradient flows into compression. Examples run one at
+a time (each has its own tree) and their gradients are accumulated into one step.
+"""
+
+from __future__ import annotations
+
+import codecs
+import itertools
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+from tqdm import tqdm
+
+from .adapters import ADAPTER_FILES, GROUPS, load_adapter, save_adapter, set_trainable
+from .model import SharedLLM
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+SIGMA_LM, SIGMA_SFT = 0.2, 0.1  # split noise sigma / node length (SPEC section 3)
+CHECKPOINT, LOG = "checkpoint", "log.jsonl"
+PIECE_CHARS, READ_BYTES = 1 << 20, 1 << 16
+
+
+class DataError(ValueError):
+    """Bad training data; the message names the file and, where it can, the line."""
+
+
+@dataclass
+class Example:
+    """One training example in token ids.
+
+    `context` (n, chunk_len) is compressed into the tree, guided by `query`; the upper
+    model reads `inputs` and the loss is on `targets` where `mask` is 1.
+    """
+
+    context: np.ndarray
+    query: np.ndarray
+    inputs: np.ndarray
+    targets: np.ndarray
+    mask: np.ndarray
+
+    @property
+    def tokens(self) -> int:
+        return int(self.context.size + self.inputs.size)
+
+
+class ExampleSource(Protocol):
+    """Anything that yields the same examples for the same epoch, in the same order."""
+
+    split_sigma: float
+
+    def examples(self, epoch: int) -> Iterator[Example]: ...
+
+
+def shuffled(items: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """Shuffle a stream through a buffer of `size` items, so memory stays bounded."""
+    buffer: list[Any] = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= size:
+            yield buffer.pop(int(rng.integers(len(buffer))))
+    while buffer:
+        yield buffer.pop(int(rng.integers(len(buffer))))
+
+
+def _read_lines(
+    path: Path, encoding: str, max_chars: int | None = None
+) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a text file, with read errors naming the file and line.
+
+    Bytes are decoded as they come, so a bad byte is reported on its own line. With
+    `max_chars`, a longer line comes in pieces, so memory stays bounded.
+    """
+    try:
+        decoder = codecs.getincrementaldecoder(encoding)()
+    except LookupError:
+        raise DataError(f"unknown encoding {encoding!r}") from None
+    number, pending, size = 1, [], 0
+    try:
+        with open(path, "rb") as f:
+            reads = iter(lambda: f.readline(READ_BYTES), b"")
+            for raw in itertools.chain(reads, [None]):
+                *lines, rest = decoder.decode(raw or b"", final=raw is None).split("\n")
+                for line in lines:
+                    yield number, "".join([*pending, line, "\n"])
+                    number, pending, size = number + 1, [], 0
+                pending.append(rest)
+                size += len(rest)
+                if max_chars and size > max_chars:
+                    yield number, "".join(pending)
+                    pending, size = [], 0
+    except UnicodeDecodeError:
+        raise DataError(f"{path}:{number}: not valid {encoding} text") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    if size:
+        yield number, "".join(pending)
+
+
+def _check_files(paths: Sequence[str | Path]) -> list[Path]:
+    if not paths:
+        raise DataError("no data files given")
+    files = [Path(p) for p in paths]
+    for path in files:
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        if not os.access(path, os.R_OK):
+            raise DataError(f"{path}: cannot read: permission denied")
+    return files
+
+
+class TextLM:
+    """Language modelling on plain text files.
+
+    Each example is a window of the token stream: X_C, the preceding `context_chunks`
+    chunks, is compressed; the upper model predicts X_D, the next `window` tokens. Files
+    are read in pieces, so memory stays bounded; a window never spans two files.
+    """
+
+    split_sigma = SIGMA_LM
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        tokenizer: Any,
+        chunk_len: int,
+        context_chunks: int = 4,
+        window: int | None = None,
+        seed: int = 0,
+        shuffle_buffer: int = 64,
+        encoding: str = "utf-8",
+    ):
+        self.paths, self.tokenizer, self.encoding = _check_files(paths), tokenizer, encoding
+        self.chunk_len, self.context_chunks = chunk_len, context_chunks
+        self.window = window or chunk_len
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+
+    def examples(self, epoch: int) -> Iterator[Example]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.paths))
+        windows = itertools.chain.from_iterable(self._windows(self.paths[i]) for i in order)
+        return shuffled(windows, self.shuffle_buffer, rng)
+
+    def _windows(self, path: Path) -> Iterator[Example]:
+        context = self.context_chunks * self.chunk_len
+        need, buffer, count = context + self.window + 1, np.zeros(0, np.int32), 0
+        for ids in self._token_pieces(path):
+            buffer = np.concatenate([buffer, ids])
+            while len(buffer) >= need:
+                xd = buffer[context:need]
+                yield Example(
+                    buffer[:context].reshape(self.context_chunks, self.chunk_len),
+                    xd[:-1],
+                    xd[:-1],
+                    xd[1:],
+                    np.ones(self.window, np.float32),
+                )
+                buffer, count = buffer[self.window :], count + 1
+        if count == 0:
+            raise DataError(
+                f"{path}: too short: one example needs {need} tokens "
+                f"({self.context_chunks} chunks of {self.chunk_len} + {self.window + 1})"
+            )
+
+    def _token_pieces(self, path: Path) -> Iterator[np.ndarray]:
+        """The file's tokens, in pieces of about PIECE_CHARS characters."""
+        piece: list[str] = []
+        size = 0
+        for _, line in _read_lines(path, self.encoding, PIECE_CHARS):
+            piece.append(line)
+            size += len(line)
+            if size >= PIECE_CHARS:
+                yield self._encode("".join(piece))
+                piece, size = [], 0
+        if piece:
+            yield self._encode("".join(piece))
+
+    def _encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False), np.int32)
+
+
+SFT_FIELDS = ("context", "prompt", "response")
+
+
+class Instructions:
+    """Instruction data: JSONL records {context, prompt, response}; loss on the response.
+
+    A field is text (tokenized; the prompt as `generate` formats it) or a list of token
+    ids, taken as is. The context's full chunks are compressed, with the prompt as the
+    tree's query; its trailing tokens join the running text ahead of the prompt, as in
+    `generate`. Every record is checked once up front.
+    """
+
+    split_sigma = SIGMA_SFT
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        tokenizer: Any,
+        chunk_len: int,
+        chat_template: bool | None = None,
+        seed: int = 0,
+        shuffle_buffer: int = 256,
+        encoding: str = "utf-8",
+    ):
+        self.paths, self.tokenizer, self.encoding = _check_files(paths), tokenizer, encoding
+        self.chunk_len, self.chat_template = chunk_len, chat_template
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.size = sum(self._check(path) for path in self.paths)
+
+    def examples(self, epoch: int) -> Iterator[Example]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.paths))
+        records = itertools.chain.from_iterable(self._records(self.paths[i]) for i in order)
+        return (self._example(*r) for r in shuffled(records, self.shuffle_buffer, rng))
+
+    def _check(self, path: Path) -> int:
+        count = sum(1 for _ in self._records(path))
+        if count == 0:
+            raise DataError(f"{path}: no records (an empty JSONL file)")
+        return count
+
+    def _records(self, path: Path) -> Iterator[tuple[str, dict]]:
+        for number, line in _read_lines(path, self.encoding):
+            if line.strip():
+                yield f"{path}:{number}", _parse_record(line, f"{path}:{number}", self.tokenizer)
+
+    def _example(self, where: str, record: dict) -> Example:
+        context = self._ids(record["context"])
+        n = len(context) // self.chunk_len
+        if n == 0:
+            raise DataError(
+                f"{where}: the context has {len(context)} tokens, "
+                f"fewer than one chunk ({self.chunk_len})"
+            )
+        prompt = self._prompt_ids(record["prompt"])
+        response = self._ids(record["response"], eos=True)
+        running = np.concatenate([context[n * self.chunk_len :], prompt, response])
+        mask = np.zeros(len(running) - 1, np.float32)
+        mask[len(running) - len(response) - 1 :] = 1
+        chunks = context[: n * self.chunk_len].reshape(n, self.chunk_len)
+        return Example(chunks, prompt, running[:-1], running[1:], mask)
+
+    def _ids(self, value: str | list[int], eos: bool = False) -> np.ndarray:
+        if not isinstance(value, str):
+            return np.asarray(value, np.int32)
+        ids = self.tokenizer.encode(value, add_special_tokens=False)
+        if eos and self.tokenizer.eos_token_id is not None:
+            ids = [*ids, self.tokenizer.eos_token_id]
+        return np.asarray(ids, np.int32)
+
+    def _prompt_ids(self, value: str | list[int]) -> np.ndarray:
+        from .generate import encode_prompt
+
+        if not isinstance(value, str):
+            return np.asarray(value, np.int32)
+        return encode_prompt(self.tokenizer, value, self.chat_template)
+
+
+def _parse_record(line: str, where: str, tokenizer: Any) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a record must be a JSON object with {SFT_FIELDS}")
+    for name in SFT_FIELDS:
+        value = record.get(name)
+        if value is None:
+            raise DataError(f"{where}: the record has no {name!r} field")
+        is_ids = isinstance(value, list) and all(isinstance(t, int) for t in value)
+        if not (isinstance(value, str) or is_ids) or len(value) == 0:
+            raise DataError(f"{where}: {name!r} must be non-empty text or a list of token ids")
+        if isinstance(value, str) and tokenizer is None:
+            raise DataError(f"{where}: {name!r} is text, and the model has no tokenizer")
+    return record
+
+
+# -- split noise -------------------------------------------------------------------
+
+
+def draw_splits(chunk_len: int, depth: int, sigma: float, rng: np.random.Generator) -> list[int]:
+    """Tokens in the preserved part at each level above the last (SPEC section 3).
+
+    b = floor(l/2 - eps), eps ~ N(0, (sigma * l)^2), clipped so that the kept node can
+    still be split at every later level.
+    """
+    sizes, length = [], chunk_len
+    for level in range(depth - 1):
+        eps = rng.normal(0.0, sigma * length)
+        room = 2 ** (depth - 1 - level)
+        sizes.append(int(np.clip(math.floor(length / 2 - eps), 1, length - room)))
+        length -= sizes[-1]
+    return sizes
+
+
+def build_tree(model: SharedLLM, example: Example, sigma: float, rng: np.random.Generator):
+    """The example's context tree, with split noise when sigma > 0 (training only)."""
+    context, query = mx.array(example.context), mx.array(example.query)
+    if sigma <= 0:
+        return model.compress(context, query)
+    config = model.config
+    splits = draw_splits(config.chunk_len, config.tree_depth, sigma, rng)
+    return model.compress(context, query, splits=splits)
+
+
+# -- the loop ----------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """How to train. A step accumulates the gradients of `grad_accum` examples."""
+
+    steps: int = 1000
+    grad_accum: int = 8
+    learning_rate: float = 1e-4
+    warmup: int = 100
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    eval_every: int = 100
+    eval_examples: int = 32
+    save_every: int = 100
+    seed: int = 0
+    train: tuple[str, ...] = ("injection",)
+    split_noise: float | None = None  # sigma / node length; None: the source's default
+    dtype: str | None = None  # cast the model to this float dtype for training
+
+    def __post_init__(self) -> None:
+        self.train = tuple(self.train)
+        unknown = set(self.train) - set(GROUPS)
+        if unknown or not self.train:
+            raise ValueError(f"train must name some of {GROUPS}, got {self.train}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if min(self.steps, self.grad_accum, self.eval_every, self.save_every) < 1:
+            raise ValueError("steps, grad_accum, eval_every and save_every must be >= 1")
+
+
+@dataclass
+class TrainState:
+    """Where a run is: what a checkpoint must hold to resume exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    index: int = 0  # examples of `epoch` already used
+    rng: dict = field(default_factory=dict)
+    base_fingerprint: str = ""
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
+class StepInfo:
+    """What `train` reports after each step (eval_loss: when it evaluated)."""
+
+    step: int
+    loss: float
+    learning_rate: float
+    tokens_per_s: float
+    eval_loss: float | None = None
+
+
+@dataclass
+class TrainResult:
+    """The run's last step, its loss and last eval loss, its time and the adapter file."""
+
+    steps: int
+    loss: float
+    eval_loss: float | None
+    seconds: float
+    adapter: Path
+
+
+def make_optimizer(config: TrainConfig) -> optim.AdamW:
+    """AdamW with linear warmup, then cosine decay to `min_lr`."""
+    lr, warmup = config.learning_rate, min(config.warmup, config.steps - 1)
+    decay = optim.cosine_decay(lr, config.steps - warmup, config.min_lr)
+    if warmup > 0:
+        ramp = optim.linear_schedule(lr / warmup, lr, warmup)
+        decay = optim.join_schedules([ramp, decay], [warmup])
+    return optim.AdamW(learning_rate=decay, weight_decay=config.weight_decay)
+
+
+def example_loss(model: SharedLLM, inputs, targets, mask, tree) -> mx.array:
+    """Summed cross-entropy over the masked targets; the tree is a constant here."""
+    logits = model(inputs[None], tree=tree)[0].astype(mx.float32)
+    return (nn.losses.cross_entropy(logits, targets) * mask).sum()
+
+
+def _arrays(example: Example) -> tuple[mx.array, mx.array, mx.array]:
+    return mx.array(example.inputs), mx.array(example.targets), mx.array(example.mask)
+
+
+def evaluate(model: SharedLLM, source: ExampleSource, count: int) -> float:
+    """Mean loss per target token over the first `count` examples, without split noise."""
+    total = tokens = 0.0
+    for example in itertools.islice(source.examples(0), count):
+        tree = build_tree(model, example, 0.0, np.random.default_rng(0))
+        loss = example_loss(model, *_arrays(example), tree)
+        total, tokens = total + loss.item(), tokens + float(example.mask.sum())
+    return total / max(tokens, 1.0)
+
+
+def _stream(source: ExampleSource, state: TrainState) -> Iterator[Example]:
+    """Examples from the state's position on, epoch after epoch; advances the state."""
+    while True:
+        used = state.index
+        for example in itertools.islice(source.examples(state.epoch), state.index, None):
+            state.index += 1
+            yield example
+        if state.index == used == 0:
+            raise DataError("the training data holds no examples")
+        state.epoch, state.index = state.epoch + 1, 0
+
+
+class _Trainer:
+    def __init__(self, model, source, out, config, eval_source, base_fingerprint):
+        self.model, self.source, self.out, self.config = model, source, Path(out), config
+        self.eval_source = eval_source
+        sigma = config.split_noise
+        self.sigma = getattr(source, "split_sigma", SIGMA_SFT) if sigma is None else sigma
+        self.state = TrainState(base_fingerprint=base_fingerprint, config=asdict(config))
+        self.rng = np.random.default_rng(config.seed)
+        self.optimizer = make_optimizer(config)
+        self.optimizer.init(model.trainable_parameters())
+        self.loss_and_grad = nn.value_and_grad(model, example_loss)
+        self.tokens, self.eval_loss = 0, None
+
+    def step(self, examples: Iterator[Example]) -> tuple[float, int]:
+        """One optimizer step over `grad_accum` examples: (mean token loss, tokens)."""
+        grads, total, targets, tokens = None, 0.0, 0.0, 0
+        for example in itertools.islice(examples, self.config.grad_accum):
+            tree = build_tree(self.model, example, self.sigma, self.rng)
+            loss, g = self.loss_and_grad(self.model, *_arrays(example), tree)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            mx.eval(loss, grads)
+            total, targets = total + loss.item(), targets + float(example.mask.sum())
+            tokens += example.tokens
+        grads = tree_map(lambda g: g / max(targets, 1.0), grads)
+        grads, _ = optim.clip_grad_norm(grads, self.config.clip_norm)
+        self.optimizer.update(self.model, grads)
+        mx.eval(self.model.trainable_parameters(), self.optimizer.state)
+        return total / max(targets, 1.0), tokens
+
+    @property
+    def done(self) -> bool:
+        return self.state.step >= self.config.steps
+
+    def advance(self, examples: Iterator[Example], start: float) -> StepInfo:
+        """Take a step; evaluate when it is time. `start` is when this run began."""
+        loss, tokens = self.step(examples)
+        self.state.step, self.tokens = self.state.step + 1, self.tokens + tokens
+        lr = self.optimizer.learning_rate.item()
+        info = StepInfo(self.state.step, loss, lr, self.tokens / (time.perf_counter() - start))
+        if self.eval_source and (self.state.step % self.config.eval_every == 0 or self.done):
+            info.eval_loss = self.eval_loss = evaluate(
+                self.model, self.eval_source, self.config.eval_examples
+            )
+        return info
+
+    def save(self) -> None:
+        """Write the checkpoint (a folder, atomically), then the adapter next to it."""
+        from .convert.checkpoint import _write_atomically
+
+        self.state.rng = self.rng.bit_generator.state
+        _write_atomically(self.out / CHECKPOINT, True, self._write_checkpoint)
+        for name in ADAPTER_FILES:
+            partial_path = self.out / f"{name}.partial"
+            partial_path.write_bytes((self.out / CHECKPOINT / name).read_bytes())
+            os.replace(partial_path, self.out / name)
+
+    def _write_checkpoint(self, folder: Path) -> None:
+        extra = {"step": self.state.step, "train": list(self.config.train)}
+        save_adapter(folder, self.model, self.state.base_fingerprint, extra)
+        state = dict(tree_flatten(self.optimizer.state))
+        mx.save_safetensors(str(folder / "optimizer.safetensors"), state)
+        (folder / "state.json").write_text(json.dumps(asdict(self.state), indent=1) + "\n")
+
+    def restore(self) -> None:
+        """Continue from the checkpoint in `out`: weights, optimizer, RNG, data position."""
+        folder = self.out / CHECKPOINT
+        saved = TrainState(**json.loads((folder / "state.json").read_text()))
+        if saved.base_fingerprint != self.state.base_fingerprint:
+            raise ValueError(
+                f"{folder} was trained from another base model "
+                f"(fingerprint {saved.base_fingerprint}, this one {self.state.base_fingerprint})"
+            )
+        if saved.config.get("train") != list(self.config.train):
+            raise ValueError(
+                f"{folder} trained {saved.config.get('train')}, not {self.config.train}"
+            )
+        load_adapter(self.model, folder, check_fingerprint=False)
+        opt = mx.load(str(folder / "optimizer.safetensors"))
+        self.optimizer.state = tree_map_with_path(lambda p, _: opt[p], self.optimizer.state)
+        self.rng.bit_generator.state = saved.rng
+        saved.config = self.state.config
+        self.state = saved
+        _truncate_log(self.out / LOG, saved.step)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines after `step`, so a resumed run's log reads as one run."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+class _Interrupt:
+    """Defers Ctrl-C to the end of the current step, so a checkpoint is always exact."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __enter__(self) -> _Interrupt:
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def train(
+    model: SharedLLM,
+    data: ExampleSource,
+    out: str | Path,
+    config: TrainConfig | None = None,
+    eval_data: ExampleSource | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    callback: Callable[[StepInfo], None] | None = None,
+) -> TrainResult:
+    """Train the injection of `model` on `data`; write checkpoints and the adapter to `out`.
+
+    Only the groups in `config.train` learn (by default the injection blocks); the lower
+    model is frozen. `out` receives `adapter.safetensors` + `adapter.json`, a
+    `checkpoint/` folder to resume from (`resume=True` continues exactly where it
+    stopped) and `log.jsonl`, the loss per step and the eval loss. Ctrl-C stops after the
+    current step with a checkpoint saved. `callback(StepInfo)` is called after each step.
+    """
+    config = config or TrainConfig()
+    if model.config.quantization:
+        raise ValueError("cannot train a quantized model: convert it without --quantize")
+    base = model.fingerprint()
+    if config.dtype:
+        model.set_dtype(DTYPES[config.dtype])
+    set_trainable(model, config.train)
+    out = Path(out)
+    trainer = _Trainer(model, data, out, config, eval_data, base)
+    if (out / CHECKPOINT / "state.json").exists():
+        if not resume:
+            raise FileExistsError(
+                f"{out} holds a checkpoint: resume it (--resume), or use another folder"
+            )
+        trainer.restore()
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / LOG).unlink(missing_ok=True)
+    return _run(trainer, progress, callback)
+
+
+def _run(trainer: _Trainer, progress: bool, callback) -> TrainResult:
+    config, state = trainer.config, trainer.state
+    examples, start = _stream(trainer.source, state), time.perf_counter()
+    info = StepInfo(state.step, math.nan, math.nan, 0.0)
+    bar = tqdm(total=config.steps, initial=state.step, unit="step", disable=not progress)
+    with bar, _Interrupt() as interrupt, open(trainer.out / LOG, "a") as log:
+        while state.step < config.steps:
+            info = trainer.advance(examples, start)
+            _report(bar, log, info)
+            if callback:
+                callback(info)
+            if state.step % config.save_every == 0 or trainer.done or interrupt.requested:
+                trainer.save()
+            if interrupt.requested:
+                raise KeyboardInterrupt
+    adapter = trainer.out / ADAPTER_FILES[0]
+    return TrainResult(
+        state.step, info.loss, trainer.eval_loss, time.perf_counter() - start, adapter
+    )
+
+
+def _report(bar: tqdm, log, info: StepInfo) -> None:
+    record = {k: v for k, v in asdict(info).items() if v is not None}
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+    postfix = {"loss": f"{info.loss:.4f}", "tok/s": f"{info.tokens_per_s:,.0f}"}
+    if info.eval_loss is not None:
+        postfix["eval"] = f"{info.eval_loss:.4f}"
+    bar.set_postfix(postfix, refresh=False)
+    bar.update(1)

@@ -1,0 +1,428 @@
+"""Training the injection: the proof that it learns, exact resume, adapters, data errors.
+
+The proof task: the context is a haystack (a fixed 8-token phrase repeated, like the
+passkey tests) holding four facts "value key", one per 32-token region; the running text
+asks "Q key" and the answer is the value, which appears only in the compressed context.
+"""
+
+import json
+import os
+import shutil
+import signal
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import SPM_TOKENIZER, run_cli, write_hf_llama
+from mlx.utils import tree_flatten
+
+from mlx_sharedllm import SharedLLM, SharedLLMConfig, load
+from mlx_sharedllm import train as train_module
+from mlx_sharedllm.adapters import fuse, load_adapter
+from mlx_sharedllm.cli.train_cli import fuse_command, train_command
+from mlx_sharedllm.generate import generate
+from mlx_sharedllm.train import (
+    DataError,
+    Example,
+    Instructions,
+    TextLM,
+    TrainConfig,
+    build_tree,
+    draw_splits,
+    make_optimizer,
+    train,
+)
+from mlx_sharedllm.tree import downsample_index, plan_segments
+
+# -- the synthetic retrieval task ---------------------------------------------------
+
+Q, KEYS, VALUES, FILLER, VOCAB = 0, 1, 5, 13, 64
+N_KEYS, N_VALUES, CHUNK, N_CHUNKS, REGION = 4, 8, 64, 2, 32
+PHRASE = np.random.default_rng(99).integers(FILLER, VOCAB, 8)
+
+
+def facts_context(rng: np.random.Generator) -> tuple[np.ndarray, dict[int, int]]:
+    """A haystack with a fact "value key" in every 32-token region.
+
+    Keys sit at region offsets 8 or 24: on the downsampling grid of every segment the
+    tree can make (depth 2, last_p 4), with the value just before them in the same
+    segment, whichever half the policy keeps.
+    """
+    context = np.resize(PHRASE, N_CHUNKS * CHUNK).astype(np.int32)
+    keys, values = rng.permutation(N_KEYS), rng.integers(0, N_VALUES, N_KEYS)
+    at = np.arange(N_KEYS) * REGION + rng.choice([8, 24], N_KEYS)
+    context[at], context[at - 1] = KEYS + keys, VALUES + values
+    return context.reshape(N_CHUNKS, CHUNK), dict(zip(keys.tolist(), values.tolist()))
+
+
+class Facts:
+    """Examples on the fly: the running text asks for every key, "Q key value" each; the
+    loss is on the values."""
+
+    split_sigma = 0.1
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def examples(self, epoch: int):
+        rng = np.random.default_rng([self.seed, epoch])
+        while True:
+            context, facts = facts_context(rng)
+            order = rng.permutation(N_KEYS)
+            text = np.array([t for k in order for t in (Q, KEYS + k, VALUES + facts[k])])
+            mask = ((text[1:] >= VALUES) & (text[1:] < FILLER)).astype(np.float32)
+            yield Example(context, text[:-1], text[:-1], text[1:], mask)
+
+
+def facts_model(seed: int = 0) -> SharedLLM:
+    """A random SharedLLM: upper 3 layers, a separate random 2-layer lower model, M = 2."""
+    llama = dict(
+        hidden_size=64,
+        num_hidden_layers=3,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        rms_norm_eps=1e-5,
+        vocab_size=VOCAB,
+        tie_word_embeddings=False,
+    )
+    config = SharedLLMConfig(
+        upper=llama,
+        lower={**llama, "num_hidden_layers": 2},
+        num_injection_layers=2,
+        tree_depth=2,
+        last_p=4,
+        chunk_len=CHUNK,
+        policy="query",
+    )
+    mx.random.seed(seed)
+    model = SharedLLM(config)
+    mx.eval(model.parameters())
+    return model
+
+
+def exact_match(model: SharedLLM, seed: int, count: int, other_context: bool) -> float:
+    """Accuracy on "Q key" -> value, with the example's own tree or another context's."""
+    rng = np.random.default_rng(seed)
+    items = [facts_context(rng) for _ in range(count + 1)]
+    right = 0
+    for i in range(count):
+        context, facts = items[i + 1] if other_context else items[i]
+        key = int(rng.integers(N_KEYS))
+        prompt = mx.array([Q, KEYS + key])
+        tree = model.compress(mx.array(context), prompt)
+        answer = mx.argmax(model(prompt[None], tree=tree)[0, -1]).item()
+        right += answer == VALUES + items[i][1][key]
+    return right / count
+
+
+def test_injection_learns_retrieval_from_the_compressed_context(tmp_path):
+    model = facts_model()
+    frozen = {k: np.array(v) for k, v in tree_flatten(model.parameters()) if "cross_attn" not in k}
+    tree = model.compress(mx.array(facts_context(np.random.default_rng(0))[0]), mx.array([Q, 1]))
+    assert tree.n_chunks == 2 and tree.entries_per_chunk == 12  # 64 tokens -> 4 + 4 + 4
+    config = TrainConfig(
+        steps=300,
+        grad_accum=16,
+        learning_rate=3e-3,
+        warmup=30,
+        min_lr=1.5e-4,
+        weight_decay=0.0,
+        train=("injection", "head"),
+        split_noise=0.0,  # the facts sit on the exact-split downsampling grid
+        eval_every=100,
+        eval_examples=16,
+        save_every=300,
+    )
+    tic = time.perf_counter()
+    result = train(model, Facts(0), tmp_path, config, eval_data=Facts(1), progress=False)
+    seconds = time.perf_counter() - tic
+    accuracy = exact_match(model, 7, 200, other_context=False)
+    other = exact_match(model, 7, 200, other_context=True)
+    print(
+        f"\nexact match {accuracy:.3f} with the right context, {other:.3f} with another "
+        f"context (chance {1 / N_VALUES:.3f}); training {seconds:.0f}s, "
+        f"loss {result.loss:.3f}, eval loss {result.eval_loss:.3f}"
+    )
+    assert accuracy >= 0.9
+    assert other <= 0.3
+    for name, value in tree_flatten(model.parameters()):
+        if name in frozen and not name.startswith("lm_head"):
+            assert np.array_equal(np.array(value), frozen[name]), f"{name} changed"
+
+
+# -- exact resume ---------------------------------------------------------------------
+
+RESUME = dict(
+    steps=6,
+    grad_accum=2,
+    learning_rate=1e-3,
+    warmup=2,
+    eval_every=3,
+    eval_examples=2,
+    save_every=3,
+    split_noise=0.1,
+)
+
+
+class Stop(Exception):
+    pass
+
+
+def _stop_at(step: int, signal_it: bool = False):
+    def callback(info):
+        if info.step == step and signal_it:
+            os.kill(os.getpid(), signal.SIGINT)
+        elif info.step == step:
+            raise Stop
+
+    return callback
+
+
+def _log(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def _losses(out) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in _log(out)]
+
+
+def test_an_interrupted_run_resumes_exactly(tmp_path):
+    config = TrainConfig(**RESUME)
+    whole = train(facts_model(), Facts(0), tmp_path / "a", config, Facts(1), progress=False)
+
+    out = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C: the step finishes and is saved
+        train(facts_model(), Facts(0), out, config, Facts(1), False, False, _stop_at(2, True))
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    with pytest.raises(Stop):  # a crash in step 5: the checkpoint of step 3 survives
+        train(facts_model(), Facts(0), out, config, Facts(1), True, False, _stop_at(5))
+    with pytest.raises(FileExistsError):
+        train(facts_model(), Facts(0), out, config, Facts(1), progress=False)
+    resumed = train(facts_model(), Facts(0), out, config, Facts(1), resume=True, progress=False)
+
+    assert resumed.loss == whole.loss and resumed.eval_loss == whole.eval_loss
+    assert _losses(out) == _losses(tmp_path / "a")
+    a = mx.load(str(tmp_path / "a" / "adapter.safetensors"))
+    b = mx.load(str(out / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) for k in a)
+    assert all("cross_attn" in k for k in a)
+
+
+def test_schedule_warmup_then_cosine():
+    config = TrainConfig(steps=10, learning_rate=1.0, warmup=4, min_lr=0.1)
+    schedule = make_optimizer(config)._schedulers["learning_rate"]
+    lrs = [schedule(mx.array(s)).item() for s in range(11)]
+    assert lrs[0] == pytest.approx(0.25) and lrs[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[10] == pytest.approx(0.1)
+
+
+# -- split noise ------------------------------------------------------------------------
+
+
+def test_split_draws_are_clipped_and_centred():
+    rng = np.random.default_rng(0)
+    assert draw_splits(64, 3, 0.0, rng) == [32, 16]
+    draws = np.array([draw_splits(64, 3, 0.2, rng) for _ in range(2000)])
+    assert draws[:, 0].min() >= 1 and (64 - draws[:, 0]).min() >= 4
+    assert (64 - draws.sum(1)).min() >= 2  # the last node still has two leaves
+    assert abs(draws[:, 0].mean() - 32) < 1 and 10 < draws[:, 0].std() < 14
+
+
+@pytest.mark.parametrize("layout", ["paper", "reference"])
+def test_noisy_plan_without_noise_is_the_tree_plan(layout):
+    rng = np.random.default_rng(1)
+    keeps = [rng.integers(0, 2, 5) for _ in range(3)]
+
+    def chooser():
+        calls = iter(keeps)
+        return lambda node, half: next(calls)
+
+    exact = plan_segments(5, 64, 4, layout, chooser())
+    noisy = plan_segments(5, 64, 4, layout, chooser(), [32, 16, 8])
+    assert exact.lengths == noisy.lengths
+    assert np.array_equal(exact.source, noisy.source) and np.array_equal(exact.start, noisy.start)
+
+
+def test_noisy_trees_are_regular_and_cover_their_chunk():
+    model = facts_model()
+    sizes = [23, 24]  # 64 -> preserved 23, kept 41 -> preserved 24, leaves 8 + 8 of 17
+    plan = plan_segments(2, 64, 3, "paper", lambda node, half: np.array([0, 1]), sizes)
+    for j in range(2):
+        covered = np.zeros(64, int)
+        for start, length in zip(plan.start[j], plan.lengths):
+            covered[start : start + length] += 1
+        assert covered.max() == 1 and covered.sum() == 63  # the odd last node drops one
+    model.config.tree_depth = 3
+    context, query = mx.array(facts_context(np.random.default_rng(0))[0]), mx.array([Q, 1])
+    tree = model.compress(context, query, splits=sizes)
+    assert tree.entries_per_chunk == sum(len(downsample_index(n, 4)) for n in plan.lengths)
+    example = next(Facts(0).examples(0))
+    trees = [build_tree(model, example, 0.2, np.random.default_rng(s)) for s in range(4)]
+    assert len({t.entries_per_chunk for t in trees}) > 1
+    plain = build_tree(model, example, 0.0, np.random.default_rng(0))
+    same = model.compress(mx.array(example.context), mx.array(example.query))
+    assert all(mx.array_equal(a, b) for a, b in zip(plain.keys, same.keys))
+
+
+# -- data --------------------------------------------------------------------------------
+
+
+class CharTokenizer:
+    """One token per character, for data tests that need no real tokenizer."""
+
+    eos_token_id = 1
+    has_chat_template = False
+
+    def encode(self, text, add_special_tokens=True):
+        return [2 + ord(c) % 60 for c in text]
+
+
+@pytest.mark.parametrize("piece_chars", [1 << 20, 7])
+def test_language_modelling_windows(tmp_path, monkeypatch, piece_chars):
+    monkeypatch.setattr(train_module, "PIECE_CHARS", piece_chars)
+    text = "".join(chr(ord("a") + i % 26) for i in range(400))
+    path = tmp_path / "book.txt"
+    path.write_text("\n".join(text[i : i + 50] for i in range(0, 400, 50)))
+    ids = np.array(CharTokenizer().encode(path.read_text()))
+    source = TextLM([path], CharTokenizer(), 16, context_chunks=3, window=20, shuffle_buffer=1)
+    examples = list(source.examples(0))
+    assert len(examples) == (len(ids) - 48 - 1) // 20
+    for i, ex in enumerate(examples):
+        start = i * 20
+        assert np.array_equal(ex.context.reshape(-1), ids[start : start + 48])
+        assert np.array_equal(ex.inputs, ids[start + 48 : start + 68])
+        assert np.array_equal(ex.targets, ids[start + 49 : start + 69])
+        assert np.array_equal(ex.query, ex.inputs) and ex.mask.sum() == 20
+
+
+def test_instruction_example_keeps_the_remainder_and_masks_the_prompt(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    record = {"context": list(range(2, 152)), "prompt": [7, 8, 9], "response": "ok"}
+    path.write_text(json.dumps(record) + "\n\n")
+    (ex,) = list(Instructions([path], CharTokenizer(), 64).examples(0))
+    running = list(range(130, 152)) + [7, 8, 9] + CharTokenizer().encode("ok") + [1]
+    assert ex.context.shape == (2, 64) and list(ex.query) == [7, 8, 9]
+    assert list(ex.inputs) == running[:-1] and list(ex.targets) == running[1:]
+    assert list(ex.mask) == [0] * 24 + [1] * 3
+
+
+def _jsonl(*records) -> str:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
+
+
+GOOD = {"context": "x" * 80, "prompt": "q", "response": "a"}
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("missing.jsonl", None, "missing.jsonl: no such file"),
+        ("empty.jsonl", "", "empty.jsonl: no records"),
+        (
+            "field.jsonl",
+            _jsonl(GOOD, {"context": "x", "prompt": "q"}),
+            "field.jsonl:2: .*'response'",
+        ),
+        ("bad.jsonl", _jsonl(GOOD, "{oops"), "bad.jsonl:2: not valid JSON"),
+        ("type.jsonl", _jsonl({**GOOD, "prompt": 3}), "type.jsonl:1: 'prompt' must be"),
+        ("short.jsonl", _jsonl(GOOD, {**GOOD, "context": "tiny"}), "short.jsonl:2: the context"),
+        ("latin.jsonl", _jsonl(GOOD, "").encode() + b"\xe9\n", "latin.jsonl:3: not valid utf-8"),
+    ],
+)
+def test_bad_instruction_data_names_file_and_line(tmp_path, monkeypatch, name, content, message):
+    monkeypatch.setattr(train_module, "READ_BYTES", 5)  # lines arrive in several reads
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        list(Instructions([path], CharTokenizer(), 64).examples(0))
+
+
+def test_bad_text_data(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(DataError, match="short.txt: too short"):
+        list(TextLM([short], CharTokenizer(), 16).examples(0))
+    with pytest.raises(DataError, match="no such file"):
+        TextLM([tmp_path], CharTokenizer(), 16)
+
+
+# -- adapters: train (CLI) -> generate, fuse ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zero_model(tmp_path_factory):
+    """A tiny LLaMA stacked from one with untrained (zero) injection, and a tokenizer."""
+    root = tmp_path_factory.mktemp("zero")
+    write_hf_llama(root / "hf")
+    args = ("--stack-from-one", "2", "--init", "zero", "--chunk-len", "64", "--dtype", "float32")
+    assert run_cli("convert", str(root / "hf"), str(root / "model"), *args).exit_code == 0
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(SPM_TOKENIZER / name, root / "model" / name)
+    return root / "model"
+
+
+TEXT = " ".join(["the old man walked to the river and the bell rang"] * 30)
+
+
+def test_adapter_from_train_works_in_generate_and_fuse(zero_model, tmp_path):
+    data = tmp_path / "sft.jsonl"
+    data.write_text(_jsonl({"context": TEXT, "prompt": "Who walked?", "response": "the old man"}))
+    out = tmp_path / "run"
+    args = ["--model", str(zero_model), "--data", str(data), "--eval-data", str(data), "-o"]
+    args += [str(out), "--steps", "2", "--grad-accum", "2", "--lr", "1e-2", "--warmup", "0"]
+    result = CliRunner().invoke(train_command, [*args, "--eval-examples", "1"])
+    assert result.exit_code == 0, result.output
+    assert "trained 2 steps" in result.output
+    log = _log(out)
+    assert [r["step"] for r in log] == [1, 2] and "eval_loss" in log[-1]
+
+    model, tokenizer = load(zero_model)
+    base = model(mx.array([[5, 6, 7]]), tree=model.compress(mx.arange(64) % 300, mx.array([5])))
+    meta = load_adapter(model, out)
+    assert model.config.injection == "trained" and meta["step"] == 2
+    tree = model.compress(mx.arange(64) % 300, mx.array([5]))
+    adapted = model(mx.array([[5, 6, 7]]), tree=tree)
+    assert not mx.allclose(base, adapted)
+    assert isinstance(generate(model, tokenizer, "Who?", context=TEXT, max_tokens=3), str)
+    with pytest.raises(ValueError, match="different model"):
+        load_adapter(facts_model(), out / "adapter.json")
+
+    fused = tmp_path / "fused"
+    result = CliRunner().invoke(fuse_command, [str(out), str(fused), "--model", str(zero_model)])
+    assert result.exit_code == 0, result.output
+    reloaded, _ = load(fused)
+    assert reloaded.config.injection == "trained"
+    assert mx.allclose(reloaded(mx.array([[5, 6, 7]]), tree=tree), adapted, atol=1e-5)
+    with pytest.raises(FileExistsError):
+        fuse(zero_model, out, fused)
+    prompt = ["--prompt", "Who walked?", "--max-tokens", "3", "--file"]
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT)
+    untrained = run_cli("generate", "--model", str(zero_model), *prompt, str(book))
+    assert "untrained" in untrained.output
+    trained = run_cli("generate", "--model", str(fused), *prompt, str(book))
+    assert trained.exit_code == 0 and "untrained" not in trained.output
+
+
+def test_cli_language_modelling_and_one_line_errors(zero_model, tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT)
+    base = ["--model", str(zero_model), "--steps", "1", "--grad-accum", "1"]
+    lm = ["--data", str(book), "-o", str(tmp_path / "lm"), "--context-chunks", "1"]
+    result = CliRunner().invoke(train_command, [*base, *lm, "--window", "16"])
+    assert result.exit_code == 0, result.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(_jsonl(GOOD, {"prompt": "q", "response": "a"}))
+    result = CliRunner().invoke(train_command, [*base, "--data", str(bad), "-o", str(tmp_path)])
+    assert result.exit_code == 1
+    assert (
+        result.output.strip()
+        .splitlines()[-1]
+        .endswith("bad.jsonl:2: the record has no 'context' field")
+    )
