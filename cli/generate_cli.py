@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 import time
@@ -13,6 +14,7 @@ from tqdm import tqdm
 
 from ..generate import stream_generate, tokenize_pieces
 from ..loading import load
+from ..plan import check_fits, plan_for_model_dir, wired_limit
 from .inputs import InputError, TextSource
 
 
@@ -94,17 +96,53 @@ def stats_line(r) -> str:
     )
 
 
+def _memory_plan(path: Path, source: TextSource | None, options: dict, force: bool):
+    """Plan memory before loading anything; refuse a plan that does not fit unless forced.
+
+    The context's token count is estimated from the file size (3 bytes per token, on
+    the high side for English text)."""
+
+    tokens = (source.size or 0) // 3 if source is not None else 0
+    try:
+        plan = plan_for_model_dir(path, tokens, options.get("tree_bits"), options.get("kv_bits"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable weights: loading the model says what is wrong
+    refusal = check_fits(plan)
+    if refusal and not force:
+        raise InputError(refusal)
+    return plan
+
+
+def _stream(model, tokenizer, prompt, ids, chat_template, options):
+    """Stream the answer to stdout; the last response (with the stats), if any."""
+    response = None
+    for response in stream_generate(
+        model,
+        tokenizer,
+        prompt,
+        ids,
+        chat_template=chat_template,
+        progress=_CompressBar(model.config.chunk_len),
+        **options,
+    ):
+        sys.stdout.write(response.text)
+        sys.stdout.flush()
+    return response
+
+
 def run_generate(
     prompt: str,
     source: TextSource | None,
     model_ref: str | None,
     *,
     adapter: Path | None = None,
+    force: bool = False,
     verbose: bool,
     chat_template: bool | None,
     options: dict[str, Any],
 ) -> None:
     path = resolve_model(model_ref)
+    plan = _memory_plan(path, source, options, force)
     model, tokenizer = load_model(path)
     if adapter is not None:
         from ..adapters import load_adapter
@@ -125,19 +163,9 @@ def run_generate(
     ids = _tokenize(tokenizer, source) if source else None
     if verbose and ids is not None:
         click.echo(f"context: {len(ids):,} tokens, chunks of {model.config.chunk_len}", err=True)
-    response = None
     try:
-        for response in stream_generate(
-            model,
-            tokenizer,
-            prompt,
-            ids,
-            chat_template=chat_template,
-            progress=_CompressBar(model.config.chunk_len),
-            **options,
-        ):
-            sys.stdout.write(response.text)
-            sys.stdout.flush()
+        with wired_limit(plan) if plan else contextlib.nullcontext():
+            response = _stream(model, tokenizer, prompt, ids, chat_template, options)
     except ValueError as e:
         raise InputError(str(e)) from None
     sys.stdout.write("\n")

@@ -14,6 +14,7 @@ from ..convert.stack import INITS, StackOptions
 from ..convert.tables import ConversionError
 from ..convert.torch_bin import CheckpointError
 from .inputs import InputError, read_prompt, read_text_file
+from .plan_cli import plan_command
 from .train_cli import fuse_command, train_command
 
 EXIT_INTERRUPTED = 130
@@ -180,9 +181,10 @@ def demo_book_command() -> None:
     default=None,
     help="An adapter folder written by `train`.",
 )
+@click.option("--force", is_flag=True, help="Run even when the memory plan does not fit.")
 @click.option("--verbose", is_flag=True, help="Say more about each step.")
 def generate_command(
-    file_, encoding, prompt, prompt_file, model, adapter, chat_template, verbose, **options
+    file_, encoding, prompt, prompt_file, model, adapter, chat_template, force, verbose, **options
 ) -> None:
     """Answer a prompt about a long text (--file) that need not fit the model's window."""
     from .generate_cli import run_generate
@@ -197,6 +199,7 @@ def generate_command(
             text,
             model,
             adapter=adapter,
+            force=force,
             verbose=verbose,
             chat_template=chat_template,
             options=options,
@@ -210,3 +213,4 @@ def generate_command(
 
 cli.add_command(train_command)
 cli.add_command(fuse_command)
+cli.add_command(plan_command)

@@ -290,3 +290,14 @@ def test_default_model_answers_about_the_book():
     stats = result.stderr.strip().splitlines()[-1]
     assert stats.startswith("context ") and "68 chunks" in stats
     assert "untrained" in result.stderr
+
+
+def test_cli_refuses_a_plan_that_does_not_fit(spm_model, book, monkeypatch):
+    from mlx_sharedllm import plan
+
+    monkeypatch.setattr(plan, "memory_budget", lambda: plan.MemoryBudget(1 << 20, "test budget"))
+    args = ("--model", str(spm_model), "--file", str(book), "--prompt", "Hi", "--max-tokens", "2")
+    refused = invoke(*args)
+    assert refused.exit_code != 0 and "--force" in refused.output
+    assert "tree cache" in refused.output and "Traceback" not in refused.output
+    assert invoke(*args, "--force").exit_code == 0

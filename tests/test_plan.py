@@ -1,0 +1,174 @@
+"""The memory planner: exact sizes against what MLX allocates, the peak against a measured
+run, the refusal, and `mlx-sharedllm plan`."""
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from click.testing import CliRunner
+from conftest import FIXTURES, run_cli, write_hf_llama
+from mlx.utils import tree_flatten
+from mlx_lm.utils import load_tokenizer
+from test_tree import random_tokens, tiny_model
+
+from mlx_sharedllm import load
+from mlx_sharedllm.cache import TreeFormat
+from mlx_sharedllm.cli.plan_cli import plan_command
+from mlx_sharedllm.plan import (
+    GiB,
+    MemoryBudget,
+    PlanSettings,
+    check_fits,
+    kv_cache_bytes,
+    make_plan,
+    memory_budget,
+    plan_for_model_dir,
+    plan_for_shape,
+    weight_bytes,
+    wired_limit,
+)
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "plan_vs_measured.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("plan_vs_measured", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_llama_2_7b_128k_fits_in_6_gib():
+    plan = plan_for_shape("llama-2-7b", 131072, 4, tree_bits=4, kv_bits=4)
+    assert plan.n_chunks == 128 and plan.tree_entries == 128 * 128
+    assert plan.weights.lower == 0  # stacked from one: the lower model is shared
+    # 4 layers x (keys, values) x 32 KV heads x 16384 entries x 72 B: 128 values in 4 bits,
+    # and a bfloat16 scale and bias for each of the 2 groups of 64
+    assert plan.tree_cache == 4 * 2 * 32 * 16384 * 72
+    assert plan.total <= 6 * GiB
+
+
+def test_weights_are_what_loading_allocates(tmp_path):
+    """Lazily built weights equal the stored files and the loaded model, quantized or not."""
+    write_hf_llama(tmp_path / "hf", hidden_size=64, intermediate_size=96)
+    for name, extra in (("float", []), ("q4", ["-q", "--q-group-size", "32"])):
+        out = tmp_path / name
+        args = ["convert", str(tmp_path / "hf"), str(out), "--stack-from-one", "2"]
+        assert run_cli(*args, "--dtype", "float32", *extra).exit_code == 0
+        model, _ = load(out)
+        loaded = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+        plan = plan_for_model_dir(out, 0)
+        assert plan.weights.upper == loaded and plan.weights.lower == 0
+        bits = 4 if extra else None
+        assert weight_bytes(model.config, bits, "float32", 32).upper == loaded
+
+
+def test_lower_weights_of_a_released_checkpoint(converted):
+    model, _ = load(converted["n1_gqa"])
+    lower = sum(v.nbytes for k, v in tree_flatten(model.parameters()) if k.startswith("encoder."))
+    plan = plan_for_model_dir(converted["n1_gqa"], 0)
+    assert lower > 0 and plan.weights.lower == lower
+
+
+@pytest.mark.parametrize("bits", [None, 4, 8])
+def test_tree_is_what_compress_allocates(bits):
+    llama = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=48,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=97,
+        rms_norm_eps=1e-6,
+    )  # head_dim 32: one quantization group
+    model = tiny_model(upper=llama, lower=None, last_p=4, chunk_len=32, compress_batch=2)
+    fmt = TreeFormat("float32", bits, 32)
+    tree = model.compress(random_tokens(7 * 32 + 5, 1), random_tokens(9, 2), tree_format=fmt)
+    weights = weight_bytes(model.config, None, "float32")
+    settings = PlanSettings(7 * 32 + 5, "float32", bits, tree_group_size=32)
+    plan = make_plan(model.config, settings, weights)
+    assert plan.tree_entries == tree.num_entries and plan.tree_cache == tree.nbytes
+
+
+@pytest.mark.parametrize("tokens", [1, 256, 300])
+def test_kv_cache_is_what_mlx_lm_allocates(tokens):
+    model = tiny_model()
+    cache = model.make_cache()
+    model(random_tokens((1, tokens), 3), cache=cache)
+    mx.eval([c.state for c in cache])
+    allocated = sum(c.keys.nbytes + c.values.nbytes for c in cache)
+    assert kv_cache_bytes(model.args, tokens, TreeFormat("float32")) == allocated
+
+
+def test_planned_peak_is_within_15_percent_of_measured():
+    """The benchmark's shape at 4 chunks: compress, generate, and compare the peaks."""
+    bench = load_bench()
+    tokenizer = load_tokenizer(bench.TOKENIZER)
+    record = bench.measure(bench.bench_model(), tokenizer, 4096)
+    assert abs(record.error) <= 0.15, bench.table([record])
+
+
+def test_refusal_has_the_table_and_what_would_fit():
+    plan = plan_for_shape("llama-2-7b", 131072, 4)
+    budget = MemoryBudget(plan.total - 1, "a test budget")
+    refusal = check_fits(plan, budget)
+    assert "upper KV cache" in refusal and "a test budget" in refusal
+    assert "--tree-bits 4" in refusal and "--force" in refusal
+    assert "at most" in refusal  # the longest context that fits
+    assert check_fits(plan, MemoryBudget(plan.total, "enough")) is None
+
+
+def test_smaller_batch_and_fewer_bits_shrink_the_plan():
+    plan = plan_for_shape("llama-3-8b", 65536, 4)
+    smaller = plan.replan(compress_batch=2)
+    assert smaller.encoding_activations * 4 == pytest.approx(plan.encoding_activations, 1e-6)
+    assert smaller.selection_activations < plan.selection_activations
+    assert plan.replan(tree_bits=4).tree_cache < plan.tree_cache
+    assert plan.replan(kv_bits=8).kv_cache < plan.kv_cache
+
+
+def test_memory_budget_and_wired_limit():
+    budget = memory_budget()
+    assert budget is None or budget.bytes > 0
+    with wired_limit(plan_for_shape("smollm2-135m", 8192)):
+        assert float(mx.array(2.0) * 3) == 6.0
+
+
+def test_plan_command():
+    args = ["--shape", "llama-2-7b", "--context-tokens", "131072"]
+    bits = ["--weight-bits", "4", "--tree-bits", "4", "--kv-bits", "4"]
+    result = CliRunner().invoke(plan_command, args + bits)
+    assert result.exit_code == 0, result.output
+    for row in ("upper weights", "lower weights", "tree cache", "upper KV cache", "total"):
+        assert row in result.output
+    assert "fit" in result.output.splitlines()[-1]
+    assert CliRunner().invoke(plan_command, ["--context-tokens", "8"]).exit_code != 0
+
+
+def test_plan_command_on_a_model_folder(converted):
+    folder = converted["n2_sharded_bin"]
+    result = CliRunner().invoke(plan_command, ["--model", str(folder), "--context-tokens", "640"])
+    assert result.exit_code == 0, result.output
+    assert "float32" in result.output
+    bad = CliRunner().invoke(plan_command, ["--model", str(FIXTURES), "--context-tokens", "1"])
+    assert bad.exit_code != 0 and "config.json" in bad.output
+
+
+def test_corrupt_weights_are_a_value_error(converted, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(converted["n1_gqa"], folder)
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        plan_for_model_dir(folder, 0)
+
+
+def test_a_model_folder_planned_with_other_weight_bits(converted):
+    stored = plan_for_model_dir(converted["n4_mha"], 0)
+    assert stored.weights.bits is None and stored.settings.dtype == "float32"
+    assert plan_for_model_dir(converted["n4_mha"], 0, weight_bits=32).weights == stored.weights
+    with pytest.raises(ValueError, match="weight bits"):
+        plan_for_model_dir(converted["n4_mha"], 0, weight_bits=16)
