@@ -185,3 +185,43 @@ def test_generate_with_quantized_tree_and_kv_cache(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert " chunks" in result.stderr.splitlines()[-1]
+
+
+def test_compressing_256_chunks_grows_memory_by_the_tree_only():
+    """No step concatenates into growing arrays: between 32 and 256 chunks the peak
+    grows by the extra tree, not by a copy of it."""
+    model = tiny_model(
+        upper=dict(
+            hidden_size=128,
+            num_hidden_layers=3,
+            intermediate_size=192,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            vocab_size=97,
+            tie_word_embeddings=False,
+        ),
+        lower=None,
+        num_injection_layers=2,
+        last_p=-1,
+    )
+    query = random_tokens(8, 1)
+
+    def peak(chunks):
+        context = random_tokens((chunks, 32), chunks)
+        mx.eval(context, query)
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        tree = model.compress(context, query)
+        mx.eval([layer.keys for layer in tree.layers])
+        return mx.get_peak_memory() - base, tree.nbytes
+
+    small, small_tree = peak(32)
+    large, large_tree = peak(256)
+    grown = large - small
+    print(
+        f"peak grew {grown / 2**20:.2f} MiB for {(large_tree - small_tree) / 2**20:.2f} MiB "
+        "more tree"
+    )
+    assert grown <= 1.15 * (large_tree - small_tree)
