@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import sys
 import time
@@ -96,15 +97,24 @@ def stats_line(r) -> str:
     )
 
 
-def _memory_plan(path: Path, source: TextSource | None, options: dict, force: bool):
+def _memory_plan(path: Path, source: TextSource | None, prompt: str, options: dict, force: bool):
     """Plan memory before loading anything; refuse a plan that does not fit unless forced.
 
-    The context's token count is estimated from the file size (3 bytes per token, on
-    the high side for English text)."""
-
+    Token counts are estimated before the tokenizer is loaded, at 3 bytes per token
+    (high for English text): the context from the file size, the running window as
+    one chunk (the remainder) plus the prompt plus the tokens to generate."""
     tokens = (source.size or 0) // 3 if source is not None else 0
     try:
-        plan = plan_for_model_dir(path, tokens, options.get("tree_bits"), options.get("kv_bits"))
+        chunk_len = json.loads((path / "config.json").read_text())["chunk_len"]
+        plan = plan_for_model_dir(
+            path,
+            tokens,
+            options.get("tree_bits"),
+            options.get("kv_bits"),
+            tree_group_size=options.get("tree_group_size") or 64,
+            kv_group_size=options.get("kv_group_size") or 64,
+            running_tokens=chunk_len + len(prompt.encode()) // 3 + options.get("max_tokens", 0),
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None  # unreadable weights: loading the model says what is wrong
     refusal = check_fits(plan)
@@ -142,7 +152,7 @@ def run_generate(
     options: dict[str, Any],
 ) -> None:
     path = resolve_model(model_ref)
-    plan = _memory_plan(path, source, options, force)
+    plan = _memory_plan(path, source, prompt, options, force)
     model, tokenizer = load_model(path)
     if adapter is not None:
         from ..adapters import load_adapter
