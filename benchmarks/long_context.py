@@ -27,7 +27,7 @@ from mlx_lm.models.llama import Model, ModelArgs
 
 import mlx_sharedllm  # noqa: F401  (OpenBLAS before mlx, on Linux)
 from mlx_sharedllm import SharedLLM, SharedLLMConfig
-from mlx_sharedllm.generate import _WithTree
+from mlx_sharedllm.generate import WithTree
 from mlx_sharedllm.tree import downsample_index, plan_segments
 
 PROMPT_TOKENS = 64
@@ -136,7 +136,7 @@ def run_sharedllm(ours: SharedLLM, ids: mx.array, prompt: mx.array) -> tuple[flo
     running = mx.concatenate([remainder.astype(prompt.dtype), prompt])
     mx.eval([layer.keys for layer in tree.layers])
     compress_s = time.perf_counter() - tic
-    ttft, tps = timed_generation(_WithTree(ours, tree), running, ours.make_cache())
+    ttft, tps = timed_generation(WithTree(ours, tree), running, ours.make_cache())
     return compress_s + ttft, tps
 
 

@@ -46,7 +46,7 @@ class PreparedContext:
     stats: dict[str, Any]
 
 
-class _WithTree(nn.Module):
+class WithTree(nn.Module):
     """The model with a fixed tree, callable the way mlx-lm's decode loop calls models."""
 
     def __init__(self, model: SharedLLM, tree: ContextTree | None):
@@ -199,7 +199,7 @@ def stream_generate(
     if seed is not None:
         mx.random.seed(seed)
     responses = mlx_lm_stream_generate(
-        _WithTree(model, prepared.tree),
+        WithTree(model, prepared.tree),
         tokenizer,
         mx.array(prepared.running),
         max_tokens=max_tokens,

@@ -74,6 +74,21 @@ def test_bad_formats_are_refused():
         TreeCache(2, 8, 16, TreeFormat("float32", 4, 32))
 
 
+def stacked_head32_model(**overrides):
+    """A tiny model stacked from one whose head_dim (32) can be quantized in groups of 32."""
+    upper = dict(
+        hidden_size=128,
+        num_hidden_layers=3,
+        intermediate_size=192,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        vocab_size=97,
+        tie_word_embeddings=False,
+    )
+    return tiny_model(upper=upper, lower=None, num_injection_layers=2, **overrides)
+
+
 def _logits(model, tree, prompt):
     return np.array(model(prompt[None], tree=tree)[0])
 
@@ -93,20 +108,7 @@ def _quantized_drift(model, context, prompt, bits, group):
 
 @pytest.mark.parametrize("bits, max_bound, top1_bound", [(8, 0.05, 0.99), (4, 0.5, 0.9)])
 def test_quantized_tree_stays_close_to_float(bits, max_bound, top1_bound, tmp_path):
-    model = tiny_model(
-        upper=dict(
-            hidden_size=128,
-            num_hidden_layers=3,
-            intermediate_size=192,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rms_norm_eps=1e-6,
-            vocab_size=97,
-            tie_word_embeddings=False,
-        ),
-        lower=None,
-        num_injection_layers=2,
-    )
+    model = stacked_head32_model()
     context, prompt = random_tokens((6, 32), 3), random_tokens(24, 4)
     diff, top1, tree, float_tree = _quantized_drift(model, context, prompt, bits, 32)
     assert diff.max() > 0 and diff.max() < max_bound and top1 >= top1_bound
@@ -190,21 +192,7 @@ def test_generate_with_quantized_tree_and_kv_cache(tmp_path):
 def test_compressing_256_chunks_grows_memory_by_the_tree_only():
     """No step concatenates into growing arrays: between 32 and 256 chunks the peak
     grows by the extra tree, not by a copy of it."""
-    model = tiny_model(
-        upper=dict(
-            hidden_size=128,
-            num_hidden_layers=3,
-            intermediate_size=192,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rms_norm_eps=1e-6,
-            vocab_size=97,
-            tie_word_embeddings=False,
-        ),
-        lower=None,
-        num_injection_layers=2,
-        last_p=-1,
-    )
+    model = stacked_head32_model(last_p=-1)
     query = random_tokens(8, 1)
 
     def peak(chunks):
