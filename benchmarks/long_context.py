@@ -2,9 +2,17 @@
 
 Systems, measured one after another in one process on one set of random weights:
 - sharedllm: ours, end to end (compress, prompt, decode), stacked from one;
-- full: mlx-lm's LLaMA over the whole text with its KVCache;
+- full: mlx-lm's LLaMA over the whole text with its KVCache and mlx-lm's prefill steps;
 - streaming: mlx-lm's LLaMA with RotatingKVCache(max_size=window, keep=4) (StreamingLLM);
 - truncate: the last window only.
+
+The default shape keeps the proportions of the default model, SmolLM2-135M (GQA 3:1 is
+replaced by 2:1, head_dim 64, MLP 2.67x hidden, vocabulary 49152, chunk_len 1024, depth 3,
+last_p 32) with a smaller width and depth: 6 layers, hidden 128, 2 heads, 1 KV head, M = 1
+(SmolLM2: 30 layers, M = 4). On a CPU the full-attention baseline costs about
+(layers - 1) x heads x 18 s at 32K tokens (MLX's CPU softmax runs about 30 ns per score),
+and streaming costs as much again over 64K and 128K, so this is the largest shape whose
+whole default run finishes in about 15 minutes on 2 CPU cores.
 
     python benchmarks/long_context.py --quick
     python benchmarks/long_context.py --json results.json --plot results.png
@@ -18,21 +26,23 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-import mlx.core as mx  # noqa: I001
+import mlx_sharedllm  # noqa: F401  (first: on Linux it preloads OpenBLAS before mlx loads)
+
+# isort: split
+import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.models.llama import Model, ModelArgs
 
-import mlx_sharedllm  # noqa: F401  (OpenBLAS before mlx, on Linux)
 from mlx_sharedllm import SharedLLM, SharedLLMConfig
 from mlx_sharedllm.generate import WithTree
-from mlx_sharedllm.tree import downsample_index, plan_segments
+from mlx_sharedllm.tree import ContextTree, plan_segments
 
 PROMPT_TOKENS = 64
 DECODE_TOKENS = 64
-PREFILL_STEP = 2048
+PREFILL_STEP = 2048  # mlx-lm's default prefill step
 
 
 @dataclass
@@ -45,15 +55,24 @@ class Record:
     note: str = ""
 
 
-def parse_args() -> argparse.Namespace:
+@dataclass
+class SharedRun:
+    """What the sharedllm run leaves for the efficiency figures."""
+
+    compress_s: float = 0.0
+    tree: ContextTree | None = None
+    running_tokens: int = 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--kv-heads", type=int, default=12)
-    p.add_argument("--intermediate", type=int, default=2048)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--m", type=int, default=4, help="injection layers")
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--kv-heads", type=int, default=1)
+    p.add_argument("--intermediate", type=int, default=344)
+    p.add_argument("--vocab", type=int, default=49152)
+    p.add_argument("--m", type=int, default=1, help="injection layers")
     p.add_argument("--chunk-len", type=int, default=1024)
     p.add_argument("--window", type=int, default=4096, help="the base model's window")
     p.add_argument("--compress-batch", type=int, default=8)
@@ -62,12 +81,13 @@ def parse_args() -> argparse.Namespace:
         "--full-max",
         type=int,
         default=32768,
-        help="longest context for full attention (past it: reported as OOM/skipped)",
+        help="longest context for full attention; past it, full is reported as skipped\n"
+        "(its prefill grows with the square of the length: 4x the 32K time at 64K)",
     )
     p.add_argument("--quick", action="store_true", help="4K and 16K only")
     p.add_argument("--json", type=str, default=None)
     p.add_argument("--plot", type=str, default=None)
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def llama_args(a: argparse.Namespace) -> dict:
@@ -129,19 +149,19 @@ def timed_generation(model, prompt: mx.array, cache: list) -> tuple[float, float
     return first - tic, DECODE_TOKENS / (time.perf_counter() - first)
 
 
-def run_sharedllm(ours: SharedLLM, ids: mx.array, prompt: mx.array) -> tuple[float, float]:
+def run_sharedllm(
+    ours: SharedLLM, context: mx.array, prompt: mx.array, run: SharedRun
+) -> tuple[float, float]:
+    """Compress, then prompt and decode through mlx-lm's loop; fills `run`."""
     tic = time.perf_counter()
-    tree = ours.compress(ids, prompt)
+    tree = ours.compress(context, prompt)
+    mx.eval([(layer.keys, layer.values) for layer in tree.layers])
+    run.compress_s = time.perf_counter() - tic
     remainder = tree.remainder if tree.remainder is not None else mx.array([], mx.int32)
     running = mx.concatenate([remainder.astype(prompt.dtype), prompt])
-    mx.eval([layer.keys for layer in tree.layers])
-    compress_s = time.perf_counter() - tic
+    run.tree, run.running_tokens = tree, running.size
     ttft, tps = timed_generation(WithTree(ours, tree), running, ours.make_cache())
-    return compress_s + ttft, tps
-
-
-def run_baseline(base: Model, ids: mx.array, cache: list) -> tuple[float, float]:
-    return timed_generation(base, ids, cache)
+    return run.compress_s + ttft, tps
 
 
 def measure(name: str, tokens: int, fn: Callable[[], tuple[float, float]]) -> Record:
@@ -155,69 +175,89 @@ def measure(name: str, tokens: int, fn: Callable[[], tuple[float, float]]) -> Re
 
 
 def matmul_gflops(n: int = 2048, reps: int = 8) -> float:
+    """Float32 matmul peak: the best of `reps` n x n products."""
     a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
     mx.eval(a @ b)
-    tic = time.perf_counter()
+    best = float("inf")
     for _ in range(reps):
+        tic = time.perf_counter()
         mx.eval(a @ b)
-    return 2 * n**3 * reps / (time.perf_counter() - tic) / 1e9
+        best = min(best, time.perf_counter() - tic)
+    return 2 * n**3 / best / 1e9
 
 
-def copy_gbs(mbytes: int = 512, reps: int = 5) -> float:
-    a = mx.random.normal((mbytes * (1 << 20) // 4,))
-    mx.eval(a * 1)
-    tic = time.perf_counter()
+def copy_gbs(mbytes: int = 256, reps: int = 5) -> float:
+    """Memory copy bandwidth, bytes read plus written per second: the best of `reps` memcpys.
+
+    numpy's copy is a plain memcpy; MLX's CPU elementwise ops run far below it here.
+    """
+    src = np.random.default_rng(0).random(mbytes * (1 << 20) // 8)
+    dst = np.empty_like(src)
+    best = float("inf")
     for _ in range(reps):
-        mx.eval(a * 1)
-    return 2 * a.nbytes * reps / (time.perf_counter() - tic) / 1e9
+        tic = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - tic)
+    return 2 * src.nbytes / best / 1e9
 
 
-def layer_flops_per_token(a: argparse.Namespace, length: int) -> float:
-    """Multiply-adds x 2 of one LLaMA layer per token of a segment of `length` (causal)."""
-    d, kv = a.hidden, a.hidden * a.kv_heads // a.heads
-    proj = d * d * 2 + d * kv * 2 + 3 * d * a.intermediate
-    return 2 * proj + 2 * d * length  # QK^T and PV over half the segment on average
+def layer_flops(a: argparse.Namespace, tokens: int, queries: int, keys: int) -> float:
+    """FLOPs of one LLaMA layer computing K/V for `tokens` and the rest for `queries` rows,
+    which attend over `keys` (query, key) pairs in all."""
+    hd = a.hidden // a.heads
+    q_dim, kv_dim = a.heads * hd, a.kv_heads * hd
+    kv_proj = 2 * a.hidden * kv_dim * tokens
+    rest = (a.hidden * q_dim * 2 + 3 * a.hidden * a.intermediate) * queries
+    attention = 2 * q_dim * keys  # q.k and p.v, per pair and query head
+    return 2 * (kv_proj + rest + attention)
 
 
-def compress_flops(a: argparse.Namespace, chunks: int) -> float:
-    plan = plan_segments(1, a.chunk_len, 3, "paper", lambda node, half: np.ones(1, int))
-    select = sum(2 * half * layer_flops_per_token(a, half) for half in plan.lengths[2:])
-    encode = sum(a.m * n * layer_flops_per_token(a, n) for n in plan.lengths)
+def compress_flops(a: argparse.Namespace, ours: SharedLLM, chunks: int) -> float:
+    """FLOPs the compressor computes per context, as model.compress runs it.
+
+    Selection: per level above the leaves, layer 0 on both halves, K/V for every token but
+    the query, output and MLP for the last token only. Encodes: the M layers on every planned
+    segment, attention over the causal half (MLX's kernel also scores the masked half;
+    that work is not counted).
+    """
+    cfg = ours.config
+    plan = plan_segments(1, cfg.chunk_len, cfg.tree_depth, "paper", lambda n, h: np.ones(1, int))
+    halves = [cfg.chunk_len >> (d + 1) for d in range(cfg.tree_depth - 1)]
+    select = sum(2 * layer_flops(a, half, 1, half) for half in halves)
+    if cfg.policy != "query":
+        select = 0
+    encode = sum(
+        cfg.num_injection_layers * layer_flops(a, n, n, n * (n + 1) // 2) for n in plan.lengths
+    )
     return chunks * (select + encode)
 
 
-def decode_bytes(ours: SharedLLM, a: argparse.Namespace, chunks: int, running: int) -> float:
-    weights = sum(v.nbytes for _, v in tree_flatten(ours.parameters()))
-    plan_lengths = [a.chunk_len // 8] * 2 + [a.chunk_len // 4, a.chunk_len // 2]
-    entries = sum(len(downsample_index(n, ours.config.last_p)) for n in plan_lengths)
-    kv_dim = a.hidden * a.kv_heads // a.heads
-    tree = a.m * 2 * chunks * entries * kv_dim * 4
-    kv_cache = a.layers * 2 * running * kv_dim * 4
-    return weights + tree + kv_cache
+def decode_bytes(ours: SharedLLM, tree: ContextTree, running: int) -> float:
+    """Bytes one decode step reads: every weight but the embedding table (one row of it),
+    the whole tree, and the upper KV cache at its average length over the decode."""
+    params = dict(tree_flatten(ours.parameters()))
+    embed = params["model.embed_tokens.weight"]
+    weights = sum(v.nbytes for v in params.values()) - embed.nbytes + embed[0].nbytes
+    args = ours.args
+    kv_dim = args.num_key_value_heads * (
+        args.head_dim or args.hidden_size // args.num_attention_heads
+    )
+    kv_cache = args.num_hidden_layers * 2 * (running + DECODE_TOKENS / 2) * kv_dim * 4
+    return weights + tree.nbytes + kv_cache
 
 
 def efficiency(
-    ours: SharedLLM,
-    a: argparse.Namespace,
-    context: mx.array,
-    prompt: mx.array,
-    record: Record,
-    figures: dict,
+    a: argparse.Namespace, ours: SharedLLM, run: SharedRun, record: Record, figures: dict
 ) -> dict:
     """Compression FLOP/s over the matmul peak; decode bytes/s over the copy bandwidth."""
-    chunks = len(context) // a.chunk_len
-    tic = time.perf_counter()
-    mx.eval([layer.keys for layer in ours.compress(context, prompt).layers])
-    compress_s = time.perf_counter() - tic
-    running = len(context) % a.chunk_len + PROMPT_TOKENS + DECODE_TOKENS
-    per_token = decode_bytes(ours, a, chunks, running)
+    tree = run.tree
+    flops = compress_flops(a, ours, tree.n_chunks)
+    per_token = decode_bytes(ours, tree, run.running_tokens)
     return {
-        "compress_efficiency": compress_flops(a, chunks)
-        / compress_s
-        / 1e9
-        / figures["matmul_gflops"],
-        "decode_efficiency": per_token * (record.decode_tok_s or 0.0) / 1e9 / figures["copy_gbs"],
-        "efficiency_at_tokens": len(context) + len(prompt),
+        "compress_gflops": flops / run.compress_s / 1e9,
+        "compress_efficiency": flops / run.compress_s / 1e9 / figures["matmul_gflops"],
+        "decode_gbs": per_token * record.decode_tok_s / 1e9,
+        "decode_efficiency": per_token * record.decode_tok_s / 1e9 / figures["copy_gbs"],
     }
 
 
@@ -231,17 +271,20 @@ def run_length(
     def caches(make) -> list:
         return [make() for _ in base.layers]
 
-    rows = [measure("sharedllm", n, lambda: run_sharedllm(ours, context, prompt))]
-    if n == figures.get("efficiency_at_tokens"):
-        figures.update(efficiency(ours, a, context, prompt, rows[0], figures))
+    run = SharedRun()
+    rows = [measure("sharedllm", n, lambda: run_sharedllm(ours, context, prompt, run))]
+    if n == figures["efficiency_at_tokens"] and rows[0].ttft_s is not None:
+        figures.update(efficiency(a, ours, run, rows[0], figures))
+    run.tree = None
     if n <= a.full_max:
-        rows.append(measure("full", n, lambda: run_baseline(base, ids, caches(KVCache))))
+        rows.append(measure("full", n, lambda: timed_generation(base, ids, caches(KVCache))))
     else:
-        rows.append(Record("full", n, None, None, None, "skipped: past --full-max"))
+        note = f"skipped: past --full-max {a.full_max} (quadratic prefill)"
+        rows.append(Record("full", n, None, None, None, note))
     rotating = lambda: RotatingKVCache(max_size=a.window, keep=4)  # noqa: E731
-    rows.append(measure("streaming", n, lambda: run_baseline(base, ids, caches(rotating))))
+    rows.append(measure("streaming", n, lambda: timed_generation(base, ids, caches(rotating))))
     rows.append(
-        measure("truncate", n, lambda: run_baseline(base, ids[-a.window :], caches(KVCache)))
+        measure("truncate", n, lambda: timed_generation(base, ids[-a.window :], caches(KVCache)))
     )
     return rows
 
@@ -302,8 +345,8 @@ def plot(records: list[Record], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
-    a = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
     records, figures = run_all(a)
     print()
     print(table(records))
