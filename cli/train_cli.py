@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..adapters import GROUPS
-from ..train import DTYPES, Instructions, TextLM, TrainConfig
+from ..train import DTYPES, Instructions, Mixture, TextLM, TrainConfig
 from .inputs import InputError
 
 EXIT_INTERRUPTED = 130
@@ -19,12 +19,22 @@ def _task(files: tuple[Path, ...], task: str) -> str:
         return task
     kinds = {f.suffix == ".jsonl" for f in files}
     if len(kinds) > 1:
-        raise InputError("mixed .jsonl and text files: pass --task lm or --task sft")
+        return "mix"
     return "sft" if kinds == {True} else "lm"
 
 
 def make_source(files, task: str, tokenizer, config, options: dict, seed: int):
-    """The examples of `files`: language modelling on text, or JSONL instructions."""
+    """The examples of `files`: language modelling on text, JSONL instructions, or a mix
+    of both (text files for lm, .jsonl files for sft, weighted by --lm-weight)."""
+    if task == "mix":
+        sft = [f for f in files if f.suffix == ".jsonl"]
+        text = [f for f in files if f.suffix != ".jsonl"]
+        if not sft or not text:
+            raise InputError("--task mix needs both text files and .jsonl files")
+        sources = [make_source(text, "lm", tokenizer, config, options, seed)]
+        sources.append(make_source(sft, "sft", tokenizer, config, options, seed))
+        weight = options["lm_weight"]
+        return Mixture(sources, [weight, 1 - weight], seed)
     if task == "sft":
         return Instructions(
             files,
@@ -70,10 +80,18 @@ def _groups(value: str) -> tuple[str, ...]:
 @click.option("--eval-data", multiple=True, type=click.Path(path_type=Path), help="Held-out data.")
 @click.option(
     "--task",
-    type=click.Choice(["auto", "lm", "sft"]),
+    type=click.Choice(["auto", "lm", "sft", "mix"]),
     default="auto",
     show_default=True,
-    help="lm: text, loss on the next window; sft: JSONL, loss on the response; auto: by suffix.",
+    help="lm: text, loss on the next window; sft: JSONL, loss on the response; mix: both "
+    "(text files lm, .jsonl files sft); auto: by suffix.",
+)
+@click.option(
+    "--lm-weight",
+    type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+    default=0.5,
+    show_default=True,
+    help="mix: the share of language-modelling examples.",
 )
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in OUT.")
@@ -143,8 +161,9 @@ def train_command(model, data, eval_data, task, out, resume, groups, **options) 
         shared, tokenizer = _load(model)
         kind = _task(data, task)
         train_source = make_source(data, kind, tokenizer, shared.config, options, config.seed)
+        eval_kind = _task(eval_data, "auto" if task == "mix" else task)
         held_out = eval_data and make_source(
-            eval_data, kind, tokenizer, shared.config, options, config.seed
+            eval_data, eval_kind, tokenizer, shared.config, options, config.seed
         )
         result = train(shared, train_source, out, config, held_out or None, resume)
     except (InputError, ValueError, FileExistsError) as e:

@@ -110,7 +110,13 @@ def load_adapter(
     return meta
 
 
-def fuse(model_path: str | Path, adapter_path: str | Path, out: str | Path, force: bool = False):
+def fuse(
+    model_path: str | Path,
+    adapter_path: str | Path,
+    out: str | Path,
+    force: bool = False,
+    check_fingerprint: bool = True,
+) -> Path:
     """Write a model folder `out`: the model at `model_path` with the adapter merged in.
 
     The folder is written to a temporary place and renamed, like `convert`; the
@@ -123,7 +129,7 @@ def fuse(model_path: str | Path, adapter_path: str | Path, out: str | Path, forc
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
     model, _ = load(model_path)
-    load_adapter(model, adapter_path)
+    load_adapter(model, adapter_path, check_fingerprint)
     config = model.config.to_dict()
     _write_atomically(out, force, lambda tmp: _save(tmp, Path(model_path), model, config))
     return out

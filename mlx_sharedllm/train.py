@@ -53,6 +53,7 @@ class Example:
     inputs: np.ndarray
     targets: np.ndarray
     mask: np.ndarray
+    split_sigma: float | None = None  # set by a Mixture: the noise of the example's source
 
     @property
     def tokens(self) -> int:
@@ -203,7 +204,10 @@ class Instructions:
     A field is text (tokenized; the prompt as `generate` formats it) or a list of token
     ids, taken as is. The context's full chunks are compressed, with the prompt as the
     tree's query; its trailing tokens join the running text ahead of the prompt, as in
-    `generate`. Every record is checked once up front.
+    `generate`. A record may instead hold {context, turns: [{prompt, response}, ...]}:
+    several questions about one context, asked one after another in the running text
+    (the first prompt is the query), with the loss on every response. Every record is
+    checked once up front.
     """
 
     split_sigma = SIGMA_SFT
@@ -248,13 +252,16 @@ class Instructions:
                 f"{where}: the context has {len(context)} tokens, "
                 f"fewer than one chunk ({self.chunk_len})"
             )
-        prompt = self._prompt_ids(record["prompt"])
-        response = self._ids(record["response"], eos=True)
-        running = np.concatenate([context[n * self.chunk_len :], prompt, response])
-        mask = np.zeros(len(running) - 1, np.float32)
-        mask[len(running) - len(response) - 1 :] = 1
+        pieces, scored = [context[n * self.chunk_len :]], [False]
+        for turn in _turns(record):
+            pieces += [self._prompt_ids(turn["prompt"]), self._ids(turn["response"], eos=True)]
+            scored += [False, True]
+        running = np.concatenate(pieces)
+        # Token t + 1 is a target of the loss when it belongs to a response.
+        is_response = np.concatenate([np.full(len(p), s) for p, s in zip(pieces, scored)])
+        mask = is_response[1:].astype(np.float32)
         chunks = context[: n * self.chunk_len].reshape(n, self.chunk_len)
-        return Example(chunks, prompt, running[:-1], running[1:], mask)
+        return Example(chunks, pieces[1], running[:-1], running[1:], mask)
 
     def _ids(self, value: str | list[int], eos: bool = False) -> np.ndarray:
         if not isinstance(value, str):
@@ -279,6 +286,24 @@ def _parse_record(line: str, where: str, tokenizer: Any) -> dict:
         raise DataError(f"{where}: not valid JSON ({e.msg})") from None
     if not isinstance(record, dict):
         raise DataError(f"{where}: a record must be a JSON object with {SFT_FIELDS}")
+    if "turns" in record:
+        turns = record["turns"]
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
+            raise DataError(f"{where}: 'turns' must be a non-empty list of {{prompt, response}}")
+        for i, turn in enumerate(turns):
+            _check_fields(
+                {"context": record.get("context"), **turn}, f"{where}: turn {i}", tokenizer
+            )
+        return record
+    _check_fields(record, where, tokenizer)
+    return record
+
+
+def _turns(record: dict) -> list[dict]:
+    return record.get("turns") or [record]
+
+
+def _check_fields(record: dict, where: str, tokenizer: Any) -> None:
     for name in SFT_FIELDS:
         value = record.get(name)
         if value is None:
@@ -288,7 +313,36 @@ def _parse_record(line: str, where: str, tokenizer: Any) -> dict:
             raise DataError(f"{where}: {name!r} must be non-empty text or a list of token ids")
         if isinstance(value, str) and tokenizer is None:
             raise DataError(f"{where}: {name!r} is text, and the model has no tokenizer")
-    return record
+
+
+class Mixture:
+    """Examples of several sources, interleaved at random in proportion to `weights`.
+
+    An epoch runs every source through its own epoch once; a source that runs out stops
+    being drawn. Each example keeps its source's split noise.
+    """
+
+    def __init__(self, sources: Sequence[ExampleSource], weights: Sequence[float], seed: int = 0):
+        if len(sources) != len(weights) or not sources:
+            raise ValueError("a mixture needs one weight per source, and some sources")
+        if min(weights) <= 0:
+            raise ValueError(f"mixture weights must be positive, got {list(weights)}")
+        self.sources, self.weights, self.seed = list(sources), np.asarray(weights, float), seed
+        self.split_sigma = max(s.split_sigma for s in self.sources)
+
+    def examples(self, epoch: int) -> Iterator[Example]:
+        rng = np.random.default_rng([self.seed, epoch, len(self.sources)])
+        streams = [source.examples(epoch) for source in self.sources]
+        live = list(range(len(streams)))
+        while live:
+            p = self.weights[live] / self.weights[live].sum()
+            i = live[int(rng.choice(len(live), p=p))]
+            example = next(streams[i], None)
+            if example is None:
+                live.remove(i)
+                continue
+            example.split_sigma = self.sources[i].split_sigma
+            yield example
 
 
 # -- split noise -------------------------------------------------------------------
@@ -445,7 +499,7 @@ class _Trainer:
         """One optimizer step over `grad_accum` examples: (mean token loss, tokens)."""
         grads, total, targets, tokens = None, 0.0, 0.0, 0
         for example in itertools.islice(examples, self.config.grad_accum):
-            tree = build_tree(self.model, example, self.sigma, self.rng)
+            tree = build_tree(self.model, example, self._sigma(example), self.rng)
             loss, g = self.loss_and_grad(self.model, *_arrays(example), tree)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(loss, grads)
@@ -456,6 +510,12 @@ class _Trainer:
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         return total / max(targets, 1.0), tokens
+
+    def _sigma(self, example: Example) -> float:
+        """The split noise: the run's setting, else the example's source's."""
+        if self.config.split_noise is None and example.split_sigma is not None:
+            return example.split_sigma
+        return self.sigma
 
     @property
     def done(self) -> bool:

@@ -27,6 +27,7 @@ from mlx_sharedllm.train import (
     DataError,
     Example,
     Instructions,
+    Mixture,
     TextLM,
     TrainConfig,
     build_tree,
@@ -426,3 +427,74 @@ def test_cli_language_modelling_and_one_line_errors(zero_model, tmp_path):
         .splitlines()[-1]
         .endswith("bad.jsonl:2: the record has no 'context' field")
     )
+
+
+class Numbered:
+    """`count` examples per epoch whose context holds (tag, epoch, index)."""
+
+    def __init__(self, tag: int, count: int, sigma: float):
+        self.tag, self.count, self.split_sigma = tag, count, sigma
+
+    def examples(self, epoch: int):
+        for i in range(self.count):
+            ids = np.array([[self.tag, epoch, i]], np.int32)
+            yield Example(ids, ids[0], ids[0], ids[0], np.ones(3, np.float32))
+
+
+def test_mixture_interleaves_every_example_once_with_its_sources_noise():
+    mix = Mixture([Numbered(0, 30, 0.2), Numbered(1, 90, 0.1)], [0.25, 0.75], seed=3)
+    examples = list(mix.examples(0))
+    tags = [int(ex.context[0, 0]) for ex in examples]
+    assert sorted((t, int(ex.context[0, 2])) for t, ex in zip(tags, examples)) == sorted(
+        [(0, i) for i in range(30)] + [(1, i) for i in range(90)]
+    )
+    # In proportion: source 0 is a quarter of the first 60 draws, give or take.
+    assert 5 <= tags[:60].count(0) <= 25
+    assert {ex.split_sigma for ex in examples if ex.context[0, 0] == 0} == {0.2}
+    assert {ex.split_sigma for ex in examples if ex.context[0, 0] == 1} == {0.1}
+    again = [int(ex.context[0, 0]) for ex in mix.examples(0)]
+    assert again == tags and [int(e.context[0, 0]) for e in mix.examples(1)] != tags
+    with pytest.raises(ValueError, match="positive"):
+        Mixture([Numbered(0, 1, 0.1)], [0.0])
+
+
+def test_cli_mixes_text_and_instruction_files(zero_model, tmp_path):
+    book, sft = tmp_path / "book.txt", tmp_path / "qa.jsonl"
+    book.write_text(TEXT)
+    sft.write_text(_jsonl(GOOD))
+    args = ["--model", str(zero_model), "--steps", "2", "--grad-accum", "2", "--window", "16"]
+    args += ["--data", str(book), "--data", str(sft), "--context-chunks", "1"]
+    result = CliRunner().invoke(
+        train_command,
+        [*args, "--lm-weight", "0.5", "--eval-data", str(sft), "-o", str(tmp_path / "o")],
+    )
+    assert result.exit_code == 0, result.output
+    log = [json.loads(line) for line in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and "eval_loss" in log[-1]
+    only_text = CliRunner().invoke(
+        train_command, [*args[:6], "--data", str(book), "--task", "mix", "-o", str(tmp_path / "p")]
+    )
+    assert only_text.exit_code == 1 and "needs both" in only_text.output
+
+
+def test_instruction_turns_score_every_response(tmp_path):
+    tok = CharTokenizer()
+    record = {
+        "context": "c" * 40,
+        "turns": [{"prompt": "ab", "response": "xy"}, {"prompt": "q", "response": "z"}],
+    }
+    path = tmp_path / "turns.jsonl"
+    path.write_text(_jsonl(record))
+    (example,) = Instructions([path], tok, 16, chat_template=False).examples(0)
+    running = np.concatenate([example.inputs[:1], example.targets])
+    eos = tok.eos_token_id
+    expected = tok.encode("c" * 8) + tok.encode("ab") + tok.encode("xy") + [eos]
+    expected += tok.encode("q") + tok.encode("z") + [eos]
+    assert running.tolist() == expected
+    scored = [t for t, m in zip(example.targets.tolist(), example.mask) if m]
+    assert scored == tok.encode("xy") + [eos] + tok.encode("z") + [eos]
+    assert example.query.tolist() == tok.encode("ab")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(_jsonl({"context": "c" * 40, "turns": [{"prompt": "a"}]}))
+    with pytest.raises(DataError, match="bad.jsonl:1: turn 0: the record has no 'response'"):
+        Instructions([bad], tok, 16, chat_template=False)
