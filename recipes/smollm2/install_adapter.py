@@ -1,0 +1,34 @@
+"""Copy a trained adapter into the package as the default model's adapter.
+
+    python recipes/smollm2/install_adapter.py recipes/smollm2/run
+
+The adapter gets a version tag (a hash of its weights), which names the cached default
+model folder, so a new adapter is never mixed up with an old fused model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from mlx_sharedllm.adapters import ADAPTER_JSON, ADAPTER_WEIGHTS
+from mlx_sharedllm.default import ADAPTER
+
+
+def main() -> None:
+    run = Path(sys.argv[1])
+    weights = (run / ADAPTER_WEIGHTS).read_bytes()
+    meta = json.loads((run / ADAPTER_JSON).read_text())
+    meta["version"] = "adapter-" + hashlib.sha256(weights).hexdigest()[:8]
+    meta["recipe"] = "recipes/smollm2/README.md"
+    ADAPTER.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run / ADAPTER_WEIGHTS, ADAPTER / ADAPTER_WEIGHTS)
+    (ADAPTER / ADAPTER_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+    print(f"installed {meta['version']} into {ADAPTER}")
+
+
+if __name__ == "__main__":
+    main()

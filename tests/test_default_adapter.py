@@ -1,0 +1,39 @@
+"""The adapter that ships for the default model: complete, tagged, and made for its tree."""
+
+import hashlib
+import json
+
+import mlx.core as mx
+
+from mlx_sharedllm.adapters import ADAPTER_JSON, ADAPTER_WEIGHTS
+from mlx_sharedllm.default import ADAPTER, DEFAULT_M, DEFAULT_TREE, adapter_version
+
+HIDDEN = 576  # SmolLM2-135M
+
+
+def test_shipped_adapter_covers_every_injection_layer():
+    weights = mx.load(str(ADAPTER / ADAPTER_WEIGHTS))
+    expected = {}
+    for i in range(DEFAULT_M):
+        layer = f"model.layers.{i}.cross_attn"
+        expected[f"{layer}.layernorm.weight"] = (HIDDEN,)
+        expected[f"{layer}.q_proj.weight"] = (HIDDEN, HIDDEN)
+        expected[f"{layer}.o_proj.weight"] = (HIDDEN, HIDDEN)
+    assert {k: tuple(v.shape) for k, v in weights.items()} == expected
+    assert all(mx.all(mx.isfinite(v)).item() for v in weights.values())
+    # Trained: the output projections are no longer the zero init.
+    assert (
+        min(
+            mx.abs(weights[f"model.layers.{i}.cross_attn.o_proj.weight"]).max().item()
+            for i in range(DEFAULT_M)
+        )
+        > 0
+    )
+
+
+def test_shipped_adapter_is_tagged_and_matches_the_default_tree():
+    meta = json.loads((ADAPTER / ADAPTER_JSON).read_text())
+    digest = hashlib.sha256((ADAPTER / ADAPTER_WEIGHTS).read_bytes()).hexdigest()
+    assert adapter_version() == meta["version"] == f"adapter-{digest[:8]}"
+    tree = {k: meta["tree"][k] for k in DEFAULT_TREE}
+    assert tree == DEFAULT_TREE and meta["tree"]["num_injection_layers"] == DEFAULT_M
