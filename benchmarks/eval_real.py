@@ -90,6 +90,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--needles", type=int, default=10, help="needles per cell")
     p.add_argument("--quick", action="store_true", help="8K only, 3 needles per cell")
     p.add_argument("--no-ppl", action="store_true", help="skip perplexity")
+    p.add_argument("--no-needle", action="store_true", help="skip the needle test")
     p.add_argument("--ppl-tokens", type=int, default=None, help="score only this much text")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--systems", default="sharedllm,truncate,full", help="which systems to run")
@@ -422,8 +423,8 @@ def evaluate(a: argparse.Namespace) -> tuple[list[NeedleRow], list[PplRow]]:
         diff = check_splice(model, held, ends, tokenizer, model.config.chunk_len)
         print(f"spliced tree vs compressing again: max diff {diff:.2e}", flush=True)
         assert diff < 1e-4, "the spliced tree differs from a fresh compression"
-    needle = needle_eval(a, model, tokenizer, held)
     ppl = [] if a.no_ppl else ppl_eval(model, held[: a.ppl_tokens], a.systems.split(","))
+    needle = [] if a.no_needle else needle_eval(a, model, tokenizer, held)
     return needle, ppl
 
 
