@@ -275,15 +275,14 @@ def needle_eval(a, model, tokenizer, held: np.ndarray) -> list[NeedleRow]:
 # -- perplexity -----------------------------------------------------------------------
 
 
-def chunk_nll(model, tokens: np.ndarray, tree=None, cache=None) -> np.ndarray:
-    """Negative log-likelihood of tokens[1:] given the tokens before them (and cache/tree)."""
-    cache = cache or model.make_cache()
-    logits = model(mx.array(tokens[None, :-1]), tree=tree, cache=cache)[0].astype(mx.float32)
+def chunk_nll(model, tokens: np.ndarray, tree=None) -> np.ndarray:
+    """Negative log-likelihood of tokens[1:] given the tokens before them (and the tree)."""
+    logits = model(mx.array(tokens[None, :-1]), tree=tree)[0].astype(mx.float32)
     nll = nn.losses.cross_entropy(logits, mx.array(tokens[1:]))
     return np.array(nll)
 
 
-def prefix_tree(model, tree: ContextTree, k: int) -> ContextTree:
+def prefix_tree(tree: ContextTree, k: int) -> ContextTree:
     """The tree of the first k chunks, cut from a tree of more (reusable_chunks only)."""
     t = tree.entries_per_chunk
     layers = [
@@ -308,7 +307,7 @@ def ppl_eval(model, held: np.ndarray, systems: list[str]) -> list[PplRow]:
     for k in range(1, n):
         if "sharedllm" in nll:
             if reusable_chunks(model):
-                tree = prefix_tree(model, whole, k)
+                tree = prefix_tree(whole, k)
             else:
                 tree = model.compress(mx.array(chunks[:k]), mx.array(chunks[k]))
             nll["sharedllm"].append(chunk_nll(model, chunks[k], tree))
