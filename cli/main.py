@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from ..config import POLICIES, parse_last_p
 from ..convert.checkpoint import DTYPES, convert
-from ..convert.stack import INITS, StackOptions
+from ..convert.stack import INITS, StackOptions, parse_heads
 from ..convert.tables import ConversionError
 from ..convert.torch_bin import CheckpointError
 from .inputs import InputError, read_prompt, read_text_file
@@ -64,6 +64,11 @@ def _tree_options(chunk_len, tree_depth, last_p, policy) -> dict:
     show_default=True,
     help="How the new injection blocks start (with --stack-from-one).",
 )
+@click.option(
+    "--copy-heads",
+    default=None,
+    help="With --init copy: copy only these heads' output, e.g. '17.3,18.6' (layer.head).",
+)
 @click.option("--chunk-len", type=int, default=None, help="Tokens per chunk (default 1024).")
 @click.option(
     "--tree-depth",
@@ -88,6 +93,7 @@ def convert_command(
     q_group_size,
     stack_m,
     init,
+    copy_heads,
     chunk_len,
     tree_depth,
     last_p,
@@ -101,6 +107,9 @@ def convert_command(
     Hugging Face repo id.
     """
     try:
+        heads = parse_heads(copy_heads) if copy_heads else None
+        if heads and not stack_m:
+            raise ValueError("--copy-heads needs --stack-from-one")
         path = convert(
             src,
             out,
@@ -108,7 +117,7 @@ def convert_command(
             quantize=quantize,
             q_bits=q_bits,
             q_group_size=int(q_group_size),
-            stack=StackOptions(stack_m, init) if stack_m else None,
+            stack=StackOptions(stack_m, init, heads) if stack_m else None,
             tree=_tree_options(chunk_len, tree_depth, last_p, policy),
             force=force,
         )

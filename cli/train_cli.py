@@ -120,6 +120,11 @@ def _groups(value: str) -> tuple[str, ...]:
     help="What learns: injection, upper (the top N-M layers), head; comma-separated.",
 )
 @click.option(
+    "--injection-layers",
+    default=None,
+    help="Train only these injection layers, e.g. '17,18' (default: all of them).",
+)
+@click.option(
     "--split-noise",
     type=click.FloatRange(min=0),
     default=None,
@@ -183,7 +188,13 @@ def _train_options(options: dict, groups: tuple[str, ...]) -> dict:
     names = ("steps", "grad_accum", "warmup", "min_lr", "weight_decay", "clip_norm", "seed")
     names += ("eval_every", "eval_examples", "save_every", "split_noise", "dtype")
     picked = {name: options[name] for name in names}
-    return {**picked, "learning_rate": options["lr"], "train": groups}
+    layers = options["injection_layers"]
+    if layers is not None:
+        try:
+            layers = tuple(int(i) for i in layers.split(",") if i.strip())
+        except ValueError:
+            raise click.BadParameter(f"not a list of layers: {layers!r}") from None
+    return {**picked, "learning_rate": options["lr"], "train": groups, "injection_layers": layers}
 
 
 def _load(ref: str | None):

@@ -20,14 +20,39 @@ INITS = ("zero", "copy")
 class StackOptions:
     """`m` injection layers; `init` is how their cross-attention starts: `zero` (o_proj = 0,
     so the model is exactly the base model) or `copy` (q_proj, o_proj and the norm copied
-    from the layer's self-attention, like the released code's init_mode=copy)."""
+    from the layer's self-attention, like the released code's init_mode=copy).
+
+    `heads` ((layer, head) pairs, with `copy`) copies o_proj for those heads only and
+    zeroes the rest: the base model's retrieval heads then read the tree from the start,
+    while every other head adds nothing (copying all heads adds each head's output twice,
+    which breaks the model).
+    """
 
     m: int
     init: str = "zero"
+    heads: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.init not in INITS:
             raise ConversionError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.heads is not None:
+            self.heads = tuple((int(layer), int(head)) for layer, head in self.heads)
+            if self.init != "copy":
+                raise ConversionError("copying chosen heads needs init 'copy'")
+            if not self.heads:
+                raise ConversionError("heads is empty: name at least one (layer, head)")
+            deep = [f"{layer}.{head}" for layer, head in self.heads if layer >= self.m]
+            if deep:
+                raise ConversionError(f"heads {deep} are not below the {self.m} injection layers")
+
+
+def parse_heads(value: str) -> tuple[tuple[int, int], ...]:
+    """'17.3,18.6' -> ((17, 3), (18, 6))."""
+    try:
+        pairs = [item.strip().split(".") for item in value.split(",") if item.strip()]
+        return tuple((int(layer), int(head)) for layer, head in pairs)
+    except ValueError:
+        raise ConversionError(f"heads must look like '17.3,18.6', got {value!r}") from None
 
 
 def base_table(args: LlamaArgs) -> tuple[dict[str, Shape], dict[str, Shape]]:
@@ -42,18 +67,33 @@ def base_table(args: LlamaArgs) -> tuple[dict[str, Shape], dict[str, Shape]]:
     return kept, dropped
 
 
-def injection_init(weights: dict[str, mx.array], m: int, init: str) -> dict[str, mx.array]:
+def injection_init(
+    weights: dict[str, mx.array], stack: StackOptions, n_heads: int
+) -> dict[str, mx.array]:
     """The cross-attention weights of layers 0..m-1, started from their self-attention."""
     out = {}
-    for i in range(m):
+    for i in range(stack.m):
         layer = f"model.layers.{i}"
         o_proj = weights[f"{layer}.self_attn.o_proj.weight"]
         out[f"{layer}.cross_attn.layernorm.weight"] = weights[f"{layer}.input_layernorm.weight"]
         out[f"{layer}.cross_attn.q_proj.weight"] = weights[f"{layer}.self_attn.q_proj.weight"]
-        out[f"{layer}.cross_attn.o_proj.weight"] = (
-            o_proj if init == "copy" else mx.zeros_like(o_proj)
-        )
+        out[f"{layer}.cross_attn.o_proj.weight"] = o_proj * _head_mask(stack, i, o_proj, n_heads)
     return out
+
+
+def _head_mask(stack: StackOptions, layer: int, o_proj: mx.array, n_heads: int) -> mx.array:
+    """Which input columns of layer `layer`'s o_proj the init copies (1) or zeroes (0)."""
+    if stack.init == "zero":
+        return mx.zeros((o_proj.shape[1],), o_proj.dtype)
+    if stack.heads is None:
+        return mx.ones((o_proj.shape[1],), o_proj.dtype)
+    width = o_proj.shape[1] // n_heads
+    heads = {h for l_, h in stack.heads if l_ == layer}
+    bad = [h for h in heads if not 0 <= h < n_heads]
+    if bad:
+        raise ConversionError(f"layer {layer} has {n_heads} heads, not head {bad[0]}")
+    mask = [1.0 if c // width in heads else 0.0 for c in range(o_proj.shape[1])]
+    return mx.array(mask, o_proj.dtype)
 
 
 def stack_from_one(
@@ -79,7 +119,7 @@ def stack_from_one(
     )
     kept, dropped = base_table(args)
     weights = check_weights(weights.items(), kept, dropped, src, dtype)
-    weights.update(injection_init(weights, stack.m, stack.init))
+    weights.update(injection_init(weights, stack, args.num_attention_heads))
     model = SharedLLM(cfg)
     model.load_weights(list(weights.items()))
     return model

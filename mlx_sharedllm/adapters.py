@@ -24,12 +24,21 @@ ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_JSON)
 GROUPS = ("injection", "upper", "head")
 
 
-def trainable_modules(model: SharedLLM, groups: tuple[str, ...]) -> list[nn.Module]:
-    """The modules the named groups train; the lower model is never among them."""
+def trainable_modules(
+    model: SharedLLM, groups: tuple[str, ...], injection_layers: tuple[int, ...] | None = None
+) -> list[nn.Module]:
+    """The modules the named groups train; the lower model is never among them.
+
+    `injection_layers` limits the injection group to those layers (default: all M).
+    """
     m, layers = model.config.num_injection_layers, model.layers
     modules: list[nn.Module] = []
+    chosen = range(m) if injection_layers is None else injection_layers
+    bad = [i for i in chosen if not 0 <= i < m]
+    if bad:
+        raise ValueError(f"injection layers {bad} are not among this model's 0..{m - 1}")
     if "injection" in groups:
-        modules += [layers[i].cross_attn for i in range(m)]
+        modules += [layers[i].cross_attn for i in chosen]
     if "upper" in groups:
         modules += layers[m:]
     if "head" in groups:
@@ -41,10 +50,12 @@ def trainable_modules(model: SharedLLM, groups: tuple[str, ...]) -> list[nn.Modu
     return modules
 
 
-def set_trainable(model: SharedLLM, groups: tuple[str, ...]) -> None:
+def set_trainable(
+    model: SharedLLM, groups: tuple[str, ...], injection_layers: tuple[int, ...] | None = None
+) -> None:
     """Freeze the whole model, then unfreeze the named groups."""
     model.freeze()
-    for module in trainable_modules(model, groups):
+    for module in trainable_modules(model, groups, injection_layers):
         module.unfreeze()
     if not tree_flatten(model.trainable_parameters()):
         raise ValueError(f"{groups} name no parameters of this model")
@@ -107,6 +118,7 @@ def load_adapter(
     model.load_weights([(k, v.astype(params[k].dtype)) for k, v in weights.items()], strict=False)
     mx.eval(model.parameters())
     model.config.injection = "trained"
+    model.mark_idle_injections()
     return meta
 
 

@@ -15,21 +15,26 @@ from pathlib import Path
 
 from .assets import DEFAULT_GGUF, cache_home, fetch
 
-# Four injection layers, as the paper's language-modelling setting: the compressor runs
-# 4 of the 30 layers over the context. Depth 1 with last_p 0 keeps every token of every
-# 1024-token chunk (each chunk encoded as two halves): SmolLM2 spells numbers one digit
-# per token, so downsampling the tree loses the very facts a question asks for. The tree
-# still holds 4 layers of 30, 7.5x less than full attention's KV cache.
-DEFAULT_M = 4
+# Nineteen injection layers, with the cross-attention of four heads started as a copy of
+# their self-attention: 17.3, 17.4, 18.6 and 18.7 are the heads that SmolLM2 itself uses
+# to copy a number out of its context (recipes/smollm2/find_heads.py), so the upper model
+# reads the tree through its own retrieval heads; every other head starts at zero. The
+# paper's 4 layers (its language-modelling setting) would leave those heads out, and an
+# adapter trained to retrieve through layers 0-3 did not learn to (recipes/smollm2/).
+# Depth 1 with last_p 0 keeps every token of every 1024-token chunk (each chunk encoded
+# as two halves): SmolLM2 spells numbers one digit per token, so downsampling the tree
+# loses the very facts a question asks for.
+DEFAULT_M = 19
+DEFAULT_HEADS = ((17, 3), (17, 4), (18, 6), (18, 7))
 DEFAULT_TREE = {"chunk_len": 1024, "tree_depth": 1, "last_p": 0, "policy": "query"}
 # Half precision is fast on Apple GPUs and slow on CPUs.
 DEFAULT_DTYPE = "bfloat16" if sys.platform == "darwin" else "float32"
-BASE_NAME = f"SmolLM2-135M-Instruct-stacked-m{DEFAULT_M}-keepall-{DEFAULT_DTYPE}"
-ADAPTER = Path(__file__).parent / "weights" / "smollm2-135m-m4"
+BASE_NAME = f"SmolLM2-135M-Instruct-stacked-m{DEFAULT_M}-heads4-keepall-{DEFAULT_DTYPE}"
+ADAPTER = Path(__file__).parent / "weights" / "smollm2-135m-m19"
 
 
 def default_base_model(progress: bool = True) -> Path:
-    """The converted base model (injection untrained), which the adapter was trained on."""
+    """The converted base model (injection not trained), which the adapter was trained on."""
     from .convert.checkpoint import convert
     from .convert.stack import StackOptions
 
@@ -45,7 +50,7 @@ def default_base_model(progress: bool = True) -> Path:
             gguf,
             out,
             dtype=DEFAULT_DTYPE,
-            stack=StackOptions(DEFAULT_M, "zero"),
+            stack=StackOptions(DEFAULT_M, "copy", DEFAULT_HEADS),
             tree=DEFAULT_TREE,
             progress=progress,
         )

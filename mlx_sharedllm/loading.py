@@ -21,6 +21,7 @@ def load(path: str | Path) -> tuple[SharedLLM, TokenizerWrapper | None]:
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a converted model folder (no config.json)")
     model, _ = load_model(path, get_model_classes=lambda config: (SharedLLM, SharedLLMConfig))
+    model.mark_idle_injections()
     if not any((path / name).exists() for name in TOKENIZER_FILES):
         return model, None
     # transformers reads our config.json and warns that it does not know "sharedllm".
@@ -45,13 +46,14 @@ def load_context(path: str | Path, model: SharedLLM) -> ContextTree:
         raise ValueError(
             f"{path} was compressed with other tree settings: {tree.meta.get('config')}"
         )
-    expected = model.tree_shape(tree.num_entries)
-    for i, layer in enumerate(tree.layers):
-        if layer.shape != expected:
-            raise ValueError(f"{path}: layer {i} has shape {layer.shape}, expected {expected}")
     if len(tree.layers) != model.config.num_injection_layers:
         raise ValueError(
             f"{path} holds {len(tree.layers)} layers, the model injects in "
             f"{model.config.num_injection_layers}"
         )
+    for i, layer in enumerate(tree.layers):
+        idle = model.layers[i].cross_attn.idle  # an idle layer's tree is stored empty
+        expected = model.tree_shape(0 if idle else tree.num_entries)
+        if layer.shape != expected:
+            raise ValueError(f"{path}: layer {i} has shape {layer.shape}, expected {expected}")
     return tree

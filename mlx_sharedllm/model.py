@@ -54,6 +54,9 @@ class Injection(nn.Module):
 
     def __init__(self, args: llama.ModelArgs):
         super().__init__()
+        # True when o_proj is all zeros (a zero-init layer that was not trained): the
+        # block then adds exactly nothing, so it is skipped. Set by `mark_idle_injections`.
+        self.idle = False
         self.n_heads = args.num_attention_heads
         self.scale = head_dim(args) ** -0.5
         dim, inner = args.hidden_size, self.n_heads * head_dim(args)
@@ -80,7 +83,12 @@ class DecoderLayer(llama.TransformerBlock):
 
     def __call__(self, x, mask=None, cache=None, tree_kv=None, position: int = 0) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
-        if tree_kv is not None:
+        if tree_kv is not None and not self.cross_attn.idle:
+            if not tree_kv.capacity:
+                raise ValueError(
+                    "the tree was compressed while this injection layer was idle (its "
+                    "output projection was zero): compress the context again"
+                )
             h = self.cross_attn(h, tree_kv, position)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -139,6 +147,18 @@ class SharedLLM(nn.Module):
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
 
+    def mark_idle_injections(self, active: tuple[int, ...] = ()) -> list[int]:
+        """Mark the injection layers whose output projection is all zeros as idle (they
+        add nothing, so they are skipped); layers in `active` stay on. Returns the idle
+        layers. Loading a model or an adapter calls this; training keeps its layers on."""
+        idle = []
+        for i in range(self.config.num_injection_layers):
+            block = self.layers[i].cross_attn
+            block.idle = i not in active and _all_zero(block.o_proj)
+            if block.idle:
+                idle.append(i)
+        return idle
+
     def tree_shape(self, entries: int) -> tuple[int, int, int, int]:
         """Shape of one layer's tree keys (or values) holding `entries` entries."""
         lower = self.config.lower or self.config.upper
@@ -185,15 +205,17 @@ class SharedLLM(nn.Module):
         entries = sum(len(downsample_index(length, self.config.last_p)) for length in plan.lengths)
         fmt = tree_format or TreeFormat(dtype=self.compute_dtype)
         _, kv_heads, _, dim = self.tree_shape(n * entries)
+        # An idle injection layer never reads its tree: it is stored empty.
         caches = [
-            TreeCache(kv_heads, n * entries, dim, fmt)
-            for _ in range(self.config.num_injection_layers)
+            TreeCache(kv_heads, 0 if self.layers[i].cross_attn.idle else n * entries, dim, fmt)
+            for i in range(self.config.num_injection_layers)
         ]
         key_pos, query_pos = chunk_positions(n, entries, self.config.layout)
         for idx in self._batches(n):
             positions, keep = mx.array(key_pos[idx]), mx.arange(entries)
             for cache, (k, v) in zip(caches, self._encode_slots(chunks, plan, idx)):
-                tree_compress(k, v, keep, positions, idx * entries, self.chunk_rope, cache)
+                if cache.capacity:
+                    tree_compress(k, v, keep, positions, idx * entries, self.chunk_rope, cache)
             mx.eval([(c.keys, c.values) for c in caches])
             progress(int(idx[-1]) + 1, n)
         return ContextTree(
@@ -334,6 +356,14 @@ def _gather(chunks: mx.array, rows: np.ndarray, starts: np.ndarray, length: int)
     """Tokens chunks[rows[b], starts[b] : starts[b] + length] for every b."""
     cols = mx.array(starts)[:, None] + mx.arange(length)[None]
     return mx.take_along_axis(chunks[mx.array(rows)], cols, axis=1)
+
+
+def _all_zero(linear: nn.Module) -> bool:
+    weight = linear.weight
+    if hasattr(linear, "scales"):
+        args = (linear.scales, linear.biases, linear.group_size, linear.bits)
+        weight = mx.dequantize(weight, *args)
+    return not mx.any(weight).item()
 
 
 def _token_hash(tokens: mx.array) -> str:

@@ -185,6 +185,11 @@ class MemoryPlan:
     selection_activations: int
     encoding_activations: int
     generation_activations: int
+    tree_layers: int = 0  # injection layers that store a tree (idle ones store none)
+
+    def _tree_layers_text(self) -> str:
+        m = self.config.num_injection_layers
+        return f"{m} layers" if self.tree_layers == m else f"{self.tree_layers} of {m} layers"
 
     @property
     def phases(self) -> dict[str, int]:
@@ -206,7 +211,8 @@ class MemoryPlan:
     def replan(self, **changes) -> MemoryPlan:
         """The same model with other settings (weights unchanged)."""
         settings = dataclasses.replace(self.settings, **changes)
-        return make_plan(self.config, settings, self.weights, self.name)
+        idle = self.config.num_injection_layers - self.tree_layers
+        return make_plan(self.config, settings, self.weights, self.name, idle)
 
     def table(self) -> str:
         """The plan as a table: a row per component, then the phases the total comes from."""
@@ -222,7 +228,7 @@ class MemoryPlan:
             "",
             _row("upper weights", self.weights.upper),
             _row(f"lower weights, not shared{shared}", self.weights.lower),
-            _row(f"tree cache ({c.num_injection_layers} layers)", self.tree_cache),
+            _row(f"tree cache ({self._tree_layers_text()})", self.tree_cache),
             _row(f"upper KV cache ({self.running_tokens:,}-token window)", self.kv_cache),
             _row("activation peak, compression", compression),
             _row("activation peak, generation", self.generation_activations),
@@ -260,9 +266,14 @@ def _format_label(bits: int | None, s: PlanSettings) -> str:
 
 
 def make_plan(
-    config: SharedLLMConfig, settings: PlanSettings, weights: WeightBytes, name: str = ""
+    config: SharedLLMConfig,
+    settings: PlanSettings,
+    weights: WeightBytes,
+    name: str = "",
+    idle_layers: int = 0,
 ) -> MemoryPlan:
-    """Plan a run of `config` with `settings`, the weights taking `weights`."""
+    """Plan a run of `config` with `settings`, the weights taking `weights`;
+    `idle_layers` injection layers are idle and store no tree."""
     s, lower = settings, config.lower or config.upper
     n_chunks = s.context_tokens // config.chunk_len
     lengths = segment_lengths(config)
@@ -272,7 +283,8 @@ def make_plan(
     rows, size = min(batch, n_chunks), FLOAT_DTYPES[s.dtype].size
     tree_fmt = TreeFormat(s.dtype, s.tree_bits, s.tree_group_size)
     kv_fmt = TreeFormat(s.dtype, s.kv_bits, s.kv_group_size)
-    tree_vectors = 2 * config.num_injection_layers * entries * lower.num_key_value_heads
+    tree_layers = config.num_injection_layers - idle_layers
+    tree_vectors = 2 * tree_layers * entries * lower.num_key_value_heads
     half = config.chunk_len // 2
     selects = config.policy == "query" and config.tree_depth > 1
     return MemoryPlan(
@@ -289,6 +301,7 @@ def make_plan(
         selection_activations=int(selects * size * SELECT.elements(lower, 2 * rows, half, half)),
         encoding_activations=int(size * encoding_elements(config, rows)),
         generation_activations=generation_bytes(config, s, running, entries),
+        tree_layers=tree_layers,
     )
 
 
@@ -387,6 +400,37 @@ def _safetensors_headers(path: Path) -> dict[str, dict]:
     return headers
 
 
+def idle_injection_layers(path: Path, config: SharedLLMConfig) -> int:
+    """How many injection layers of a converted folder have an all-zero output
+    projection (idle: they store no tree). Reads those tensors' bytes only."""
+    headers, idle = _safetensors_headers(path), 0
+    files = {name: file for file in path.glob("*.safetensors") for name in _names(file)}
+    for i in range(config.num_injection_layers):
+        prefix = f"model.layers.{i}.cross_attn.o_proj."
+        # Quantized weights are zero when their scales and biases are.
+        parts = ["scales", "biases"] if prefix + "scales" in headers else ["weight"]
+        idle += all(_is_zero(files[prefix + p], headers[prefix + p]) for p in parts)
+    return idle
+
+
+def _names(file: Path) -> list[str]:
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return list(json.loads(f.read(length)))
+
+
+def _is_zero(file: Path, entry: dict) -> bool:
+    """True when a float tensor holds only zeros (of either sign)."""
+    start, end = entry["data_offsets"]
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        f.seek(8 + length + start)
+        data = f.read(end - start)
+    width = {"F32": np.uint32, "F16": np.uint16, "BF16": np.uint16}[entry["dtype"]]
+    sign = np.array(1 << (8 * np.dtype(width).itemsize - 1), dtype=width)
+    return not np.any(np.frombuffer(data, width) & ~sign)
+
+
 def stored_weights(path: Path, quantization: dict | None) -> WeightBytes:
     """The weights as stored in a converted folder; their dtype is the final norm's (never
     quantized), the model's compute dtype. Only the file headers are read."""
@@ -457,7 +501,7 @@ def plan_for_model_dir(
     s = dataclasses.replace(s, tree_bits=tree_bits, kv_bits=kv_bits)
     if weight_bits is not None:
         weights = weight_bytes(config, check_weight_bits(weight_bits, s.dtype), s.dtype)
-    return make_plan(config, s, weights, str(path))
+    return make_plan(config, s, weights, str(path), idle_injection_layers(path, config))
 
 
 # -- this machine ----------------------------------------------------------------------

@@ -392,11 +392,16 @@ class TrainConfig:
     save_every: int = 100
     seed: int = 0
     train: tuple[str, ...] = ("injection",)
+    injection_layers: tuple[int, ...] | None = None  # None: every injection layer trains
     split_noise: float | None = None  # sigma / node length; None: the source's default
     dtype: str | None = None  # cast the model to this float dtype for training
 
     def __post_init__(self) -> None:
         self.train = tuple(self.train)
+        if self.injection_layers is not None:
+            self.injection_layers = tuple(sorted({int(i) for i in self.injection_layers}))
+            if not self.injection_layers or "injection" not in self.train:
+                raise ValueError("injection_layers needs 'injection' in train and a layer")
         unknown = set(self.train) - set(GROUPS)
         if unknown or not self.train:
             raise ValueError(f"train must name some of {GROUPS}, got {self.train}")
@@ -546,6 +551,8 @@ class _Trainer:
 
     def _write_checkpoint(self, folder: Path) -> None:
         extra = {"step": self.state.step, "train": list(self.config.train)}
+        if self.config.injection_layers is not None:
+            extra["injection_layers"] = list(self.config.injection_layers)
         save_adapter(folder, self.model, self.state.base_fingerprint, extra)
         state = dict(tree_flatten(self.optimizer.state))
         mx.save_safetensors(str(folder / "optimizer.safetensors"), state)
@@ -560,10 +567,11 @@ class _Trainer:
                 f"{folder} was trained from another base model "
                 f"(fingerprint {saved.base_fingerprint}, this one {self.state.base_fingerprint})"
             )
-        if saved.config.get("train") != list(self.config.train):
-            raise ValueError(
-                f"{folder} trained {saved.config.get('train')}, not {self.config.train}"
-            )
+        ours = {"train": self.config.train, "injection_layers": self.config.injection_layers}
+        for key, value in ours.items():
+            value = None if value is None else list(value)
+            if saved.config.get(key) != value:
+                raise ValueError(f"{folder} trained {key} {saved.config.get(key)}, not {value}")
         load_adapter(self.model, folder, check_fingerprint=False)
         opt = mx.load(str(folder / "optimizer.safetensors"))
         self.optimizer.state = tree_map_with_path(lambda p, _: opt[p], self.optimizer.state)
@@ -624,7 +632,7 @@ def train(
     base = model.fingerprint()
     if config.dtype:
         model.set_dtype(DTYPES[config.dtype])
-    set_trainable(model, config.train)
+    set_trainable(model, config.train, config.injection_layers)
     out = Path(out)
     trainer = _Trainer(model, data, out, config, eval_data, base)
     if (out / CHECKPOINT / "state.json").exists():
@@ -636,6 +644,9 @@ def train(
     else:
         out.mkdir(parents=True, exist_ok=True)
         (out / LOG).unlink(missing_ok=True)
+    if "injection" in config.train:  # a layer that learns is never skipped as idle
+        every = range(model.config.num_injection_layers)
+        model.mark_idle_injections(tuple(config.injection_layers or every))
     return _run(trainer, progress, callback)
 
 

@@ -122,6 +122,8 @@ def chunk_positions(n: int, entries: int, layout: str) -> tuple[np.ndarray, int]
 class ContextTree:
     """Compressed key/value states of a long context: one TreeCache per injection layer.
 
+    A layer whose injection is idle (all-zero output projection) holds no entries.
+
     Each layer holds (1, kv_heads, n_chunks * entries_per_chunk, head_dim) keys and
     values, chunk-major, keys already rotated to their chunk position, stored as
     `layers[i].fmt` says (a float dtype or affine quantized).
@@ -176,7 +178,7 @@ class ContextTree:
         fmt = self.layers[0].fmt
         header = {
             "layers": len(self.layers),
-            "shape": list(self.layers[0].shape),
+            "shapes": [list(layer.shape) for layer in self.layers],
             "format": {"dtype": fmt.dtype, "bits": fmt.bits, "group_size": fmt.group_size},
             "n_chunks": self.n_chunks,
             "chunk_len": self.chunk_len,
@@ -208,8 +210,9 @@ class ContextTree:
                 found = tuple(arrays[f"{kind}.{i}.{j}"] for j in range(parts))
                 return found if fmt.bits is not None else found[0]
 
+            shapes = header.get("shapes") or [header["shape"]] * header["layers"]
             layers = [
-                TreeCache.from_arrays(fmt, header["shape"], stored("keys", i), stored("values", i))
+                TreeCache.from_arrays(fmt, shapes[i], stored("keys", i), stored("values", i))
                 for i in range(header["layers"])
             ]
             return cls(

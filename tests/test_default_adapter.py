@@ -6,29 +6,32 @@ import json
 import mlx.core as mx
 
 from mlx_sharedllm.adapters import ADAPTER_JSON, ADAPTER_WEIGHTS
-from mlx_sharedllm.default import ADAPTER, DEFAULT_M, DEFAULT_TREE, adapter_version
+from mlx_sharedllm.default import ADAPTER, DEFAULT_HEADS, DEFAULT_M, DEFAULT_TREE, adapter_version
 
 HIDDEN = 576  # SmolLM2-135M
 
 
-def test_shipped_adapter_covers_every_injection_layer():
+def test_shipped_adapter_covers_the_retrieval_heads_layers():
+    meta = json.loads((ADAPTER / ADAPTER_JSON).read_text())
+    layers = meta["injection_layers"]
+    assert layers == sorted({layer for layer, _ in DEFAULT_HEADS})
+    assert all(layer < DEFAULT_M for layer in layers)
     weights = mx.load(str(ADAPTER / ADAPTER_WEIGHTS))
     expected = {}
-    for i in range(DEFAULT_M):
+    for i in layers:
         layer = f"model.layers.{i}.cross_attn"
         expected[f"{layer}.layernorm.weight"] = (HIDDEN,)
         expected[f"{layer}.q_proj.weight"] = (HIDDEN, HIDDEN)
         expected[f"{layer}.o_proj.weight"] = (HIDDEN, HIDDEN)
     assert {k: tuple(v.shape) for k, v in weights.items()} == expected
     assert all(mx.all(mx.isfinite(v)).item() for v in weights.values())
-    # Trained: the output projections are no longer the zero init.
-    assert (
-        min(
-            mx.abs(weights[f"model.layers.{i}.cross_attn.o_proj.weight"]).max().item()
-            for i in range(DEFAULT_M)
-        )
-        > 0
-    )
+    # Trained: every head's output projection has moved off the init, where all but the
+    # copied heads were zero.
+    width = HIDDEN // 9
+    for i in layers:
+        o_proj = weights[f"model.layers.{i}.cross_attn.o_proj.weight"]
+        for head in range(9):
+            assert mx.abs(o_proj[:, head * width : (head + 1) * width]).max().item() > 0
 
 
 def test_shipped_adapter_is_tagged_and_matches_the_default_tree():

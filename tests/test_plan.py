@@ -172,3 +172,21 @@ def test_a_model_folder_planned_with_other_weight_bits(converted):
     assert plan_for_model_dir(converted["n4_mha"], 0, weight_bits=32).weights == stored.weights
     with pytest.raises(ValueError, match="weight bits"):
         plan_for_model_dir(converted["n4_mha"], 0, weight_bits=16)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_idle_injection_layers_store_no_tree(tmp_path, dtype):
+    """A layer whose output projection is zero is idle: the plan counts no tree for it,
+    and compress allocates none."""
+    write_hf_llama(tmp_path / "hf")
+    stack = ("--stack-from-one", "2", "--init", "copy", "--copy-heads", "1.2", "--dtype", dtype)
+    assert run_cli("convert", str(tmp_path / "hf"), str(tmp_path / "m"), *stack).exit_code == 0
+    plan = plan_for_model_dir(tmp_path / "m", 32 * 1024)
+    assert plan.tree_layers == 1 and "tree cache (1 of 2 layers)" in plan.table()
+    model, _ = load(tmp_path / "m")
+    context = mx.arange(model.config.chunk_len * 4) % 384
+    tree = model.compress(context, mx.array([1, 2]))
+    assert [layer.capacity for layer in tree.layers] == [0, tree.num_entries]
+    four = plan_for_model_dir(tmp_path / "m", model.config.chunk_len * 4)
+    assert four.tree_cache == tree.nbytes
+    assert four.replan(compress_batch=1).tree_layers == 1

@@ -12,7 +12,7 @@ import pytest
 from conftest import assert_close, run_cli, write_hf_llama
 from mlx_lm.models.llama import Model, ModelArgs
 
-from mlx_sharedllm import load
+from mlx_sharedllm import load, load_context
 from mlx_sharedllm.assets import DEFAULT_GGUF, fetch
 from mlx_sharedllm.convert.gguf import read_gguf
 
@@ -80,6 +80,62 @@ def test_copy_init_reads_the_tree(hf_llama, tmp_path):
     assert_close(model(mx.array([prompt])), expected, 1e-4, "copy init without a tree")
     moved = np.abs(np.array(model(mx.array([prompt]), tree=tree)) - np.array(expected)).max()
     assert moved > 1e-2
+
+
+def test_copy_heads_copies_only_the_named_heads(hf_llama, tmp_path):
+    src, config, weights = hf_llama
+    out = convert_stacked(src, tmp_path / "out", 2, "copy", "--copy-heads", "1.2,0.0,1.3")
+    saved = mx.load(str(out / "model.safetensors"))
+    width = config["hidden_size"] // config["num_attention_heads"]
+    for layer, heads in ((0, {0}), (1, {2, 3})):
+        o_proj = np.array(weights[f"model.layers.{layer}.self_attn.o_proj.weight"])
+        copied = np.array(saved[f"model.layers.{layer}.cross_attn.o_proj.weight"])
+        for head in range(config["num_attention_heads"]):
+            cols = slice(head * width, (head + 1) * width)
+            expected = o_proj[:, cols] if head in heads else 0 * o_proj[:, cols]
+            np.testing.assert_array_equal(copied[:, cols], expected)
+    q_proj = saved["model.layers.1.cross_attn.q_proj.weight"]
+    assert mx.array_equal(q_proj, weights["model.layers.1.self_attn.q_proj.weight"])
+
+
+def test_zero_injection_layers_are_skipped_exactly(hf_llama, tmp_path):
+    src, _, _ = hf_llama
+    model, _ = load(convert_stacked(src, tmp_path / "out", 2, "copy", "--copy-heads", "1.2"))
+    assert [layer.cross_attn.idle for layer in model.layers[:2]] == [True, False]
+    rng = np.random.default_rng(2)
+    prompt = mx.array([rng.integers(0, 384, 9).tolist()])
+    context = mx.array(rng.integers(0, 384, 96))
+    tree = model.compress(context, prompt[0])
+    skipped = model(prompt, tree=tree)
+    assert [layer.capacity for layer in tree.layers] == [0, tree.num_entries]
+    path = tmp_path / "tree.safetensors"
+    tree.save(path)
+    again = load_context(path, model)
+    assert [layer.shape for layer in again.layers] == [layer.shape for layer in tree.layers]
+    assert_close(model(prompt, tree=again), skipped, 1e-6, "saved tree with an idle layer")
+
+    assert model.mark_idle_injections(active=(0,)) == []
+    with pytest.raises(ValueError, match="compress the context again"):
+        model(prompt, tree=tree)
+    full = model.compress(context, prompt[0])
+    assert [layer.capacity for layer in full.layers] == [full.num_entries] * 2
+    assert_close(model(prompt, tree=full), skipped, 1e-6, "idle layer skipped vs run")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("zero", "--copy-heads", "0.1"), "needs init 'copy'"),
+        (("copy", "--copy-heads", "2.1"), "not below the 2 injection layers"),
+        (("copy", "--copy-heads", "1.4"), "layer 1 has 4 heads, not head 4"),
+        (("copy", "--copy-heads", "1-2"), "must look like '17.3,18.6'"),
+    ],
+)
+def test_bad_copy_heads_are_one_line_errors(hf_llama, tmp_path, args, message):
+    init, *extra = args
+    stack = ("--stack-from-one", "2", "--init", init)
+    result = run_cli("convert", str(hf_llama[0]), str(tmp_path / "o"), *stack, *extra)
+    assert result.exit_code != 0 and message in result.output, result.output
 
 
 def test_plain_llama_needs_stack_from_one(hf_llama, tmp_path):

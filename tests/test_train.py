@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 
 from mlx_sharedllm import SharedLLM, SharedLLMConfig, load
 from mlx_sharedllm import train as train_module
-from mlx_sharedllm.adapters import fuse, load_adapter
+from mlx_sharedllm.adapters import fuse, load_adapter, read_adapter
 from mlx_sharedllm.cli.train_cli import fuse_command, train_command
 from mlx_sharedllm.generate import generate
 from mlx_sharedllm.train import (
@@ -427,6 +427,28 @@ def test_cli_language_modelling_and_one_line_errors(zero_model, tmp_path):
         .splitlines()[-1]
         .endswith("bad.jsonl:2: the record has no 'context' field")
     )
+
+
+def test_injection_layers_train_alone_and_must_exist(zero_model, tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT)
+    args = ["--model", str(zero_model), "--data", str(book), "--steps", "1", "--grad-accum", "1"]
+    args += ["--context-chunks", "1", "--window", "16"]
+    result = CliRunner().invoke(
+        train_command, [*args, "-o", str(tmp_path / "one"), "--injection-layers", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    meta, weights = read_adapter(tmp_path / "one")
+    assert meta["injection_layers"] == [1]
+    assert weights and all(k.startswith("model.layers.1.cross_attn.") for k in weights)
+    result = CliRunner().invoke(
+        train_command, [*args, "-o", str(tmp_path / "bad"), "--injection-layers", "2"]
+    )
+    assert result.exit_code == 1
+    assert "injection layers [2] are not among this model's 0..1" in result.output
+    resumed = [*args, "-o", str(tmp_path / "one"), "--resume", "--steps", "2"]
+    result = CliRunner().invoke(train_command, resumed)
+    assert result.exit_code == 1 and "trained injection_layers [1], not None" in result.output
 
 
 class Numbered:

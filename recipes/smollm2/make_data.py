@@ -6,7 +6,8 @@ writes into OUT:
 - lm/<book>.txt: the training texts (Botchan's first 70%, the other books), for
   language modelling;
 - needles_train.jsonl, needles_val.jsonl: retrieval examples {context, turns}, 3 to 6
-  needles from TRAIN_TEMPLATES hidden in a haystack of 1 to 6 chunks of training text,
+  needles from TRAIN_TEMPLATES hidden in a haystack of 1 to --max-chunks chunks of
+  training text,
   the context given as token ids of the default model's tokenizer.
 """
 
@@ -38,11 +39,12 @@ def haystacks(tokenizer, texts: dict[str, str]) -> list[tuple[np.ndarray, np.nda
     return streams
 
 
-def needle_record(tokenizer, streams, rng: np.random.Generator) -> dict:
-    """One retrieval example: 1-6 chunks of haystack and a short tail, holding 3-6
-    needles of different templates, each asked for in its own turn, in random order."""
+def needle_record(tokenizer, streams, rng: np.random.Generator, max_chunks: int) -> dict:
+    """One retrieval example: 1 to `max_chunks` chunks of haystack and a short tail,
+    holding 3-6 needles of different templates, each asked for in its own turn, in
+    random order."""
     ids, ends = streams[int(rng.integers(len(streams)))]
-    length = int(rng.integers(1, 7)) * CHUNK + int(rng.integers(0, 256))
+    length = int(rng.integers(1, max_chunks + 1)) * CHUNK + int(rng.integers(0, 256))
     start = int(rng.integers(0, len(ids) - length))
     context = ids[start : start + length]
     local_ends = ends[(ends > start) & (ends < start + length)] - start
@@ -65,6 +67,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--train-examples", type=int, default=3000)
     p.add_argument("--val-examples", type=int, default=48)
+    p.add_argument("--max-chunks", type=int, default=6, help="longest haystack, in chunks")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     _, tokenizer = load(default_base_model())
@@ -77,7 +80,7 @@ def main() -> None:
     for name, count in (("needles_train", a.train_examples), ("needles_val", a.val_examples)):
         with open(a.out / f"{name}.jsonl", "w") as f:
             for _ in range(count):
-                f.write(json.dumps(needle_record(tokenizer, streams, rng)) + "\n")
+                f.write(json.dumps(needle_record(tokenizer, streams, rng, a.max_chunks)) + "\n")
         print(f"wrote {count} examples to {a.out / name}.jsonl", file=sys.stderr)
 
 
