@@ -9,7 +9,7 @@ Systems, measured one after another in one process on one set of random weights:
 The default shape keeps the proportions of the default model, SmolLM2-135M (GQA 3:1 is
 replaced by 2:1, head_dim 64, MLP 2.67x hidden, vocabulary 49152, chunk_len 1024, depth 3,
 last_p 32) with a smaller width and depth: 6 layers, hidden 128, 2 heads, 1 KV head, M = 1
-(SmolLM2: 30 layers, M = 4). On a CPU the full-attention baseline costs about
+(SmolLM2: 30 layers; the paper's M = 4). On a CPU the full-attention baseline costs about
 (layers - 1) x heads x 18 s at 32K tokens (MLX's CPU softmax runs about 30 ns per score),
 and streaming costs as much again over 64K and 128K, so this is the largest shape whose
 whole default run finishes in about 15 minutes on 2 CPU cores.
