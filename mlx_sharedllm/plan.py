@@ -382,7 +382,8 @@ def weight_bytes(
 
 
 def _safetensors_headers(path: Path) -> dict[str, dict]:
-    """Every tensor's header entry (dtype, shape, data_offsets) in a folder's files."""
+    """Every tensor's header entry (dtype, shape, data_offsets) in a folder's files, with
+    the file it is in and where that file's data starts (`file`, `data_start`)."""
     headers = {}
     for file in sorted(path.glob("*.safetensors")):
         try:
@@ -394,6 +395,8 @@ def _safetensors_headers(path: Path) -> dict[str, dict]:
         except (struct.error, ValueError):
             raise ValueError(f"{file} is not a safetensors file") from None
         header.pop("__metadata__", None)
+        for entry in header.values():
+            entry.update(file=file, data_start=8 + length)
         headers.update(header)
     if not headers:
         raise ValueError(f"{path} holds no .safetensors weights")
@@ -404,27 +407,19 @@ def idle_injection_layers(path: Path, config: SharedLLMConfig) -> int:
     """How many injection layers of a converted folder have an all-zero output
     projection (idle: they store no tree). Reads those tensors' bytes only."""
     headers, idle = _safetensors_headers(path), 0
-    files = {name: file for file in path.glob("*.safetensors") for name in _names(file)}
     for i in range(config.num_injection_layers):
         prefix = f"model.layers.{i}.cross_attn.o_proj."
         # Quantized weights are zero when their scales and biases are.
         parts = ["scales", "biases"] if prefix + "scales" in headers else ["weight"]
-        idle += all(_is_zero(files[prefix + p], headers[prefix + p]) for p in parts)
+        idle += all(_is_zero(headers[prefix + p]) for p in parts)
     return idle
 
 
-def _names(file: Path) -> list[str]:
-    with open(file, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        return list(json.loads(f.read(length)))
-
-
-def _is_zero(file: Path, entry: dict) -> bool:
+def _is_zero(entry: dict) -> bool:
     """True when a float tensor holds only zeros (of either sign)."""
     start, end = entry["data_offsets"]
-    with open(file, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        f.seek(8 + length + start)
+    with open(entry["file"], "rb") as f:
+        f.seek(entry["data_start"] + start)
         data = f.read(end - start)
     width = {"F32": np.uint32, "F16": np.uint16, "BF16": np.uint16}[entry["dtype"]]
     sign = np.array(1 << (8 * np.dtype(width).itemsize - 1), dtype=width)
