@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..adapters import GROUPS
+from ..convert.stack import ConversionError, parse_heads
 from ..train import DTYPES, Instructions, Mixture, TextLM, TrainConfig
 from .inputs import InputError
 
@@ -125,6 +126,20 @@ def _groups(value: str) -> tuple[str, ...]:
     help="Train only these injection layers, e.g. '17,18' (default: all of them).",
 )
 @click.option(
+    "--attention-loss",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="sft: weight of teaching the injection heads to look at each answer's "
+    '"evidence" in the context (records that mark it; 0: off).',
+)
+@click.option(
+    "--attention-heads",
+    default=None,
+    help="The heads the attention loss teaches, e.g. '17.3,18.6' (default: every head of "
+    "the training injection layers).",
+)
+@click.option(
     "--split-noise",
     type=click.FloatRange(min=0),
     default=None,
@@ -187,7 +202,15 @@ def train_command(model, data, eval_data, task, out, resume, groups, **options) 
 def _train_options(options: dict, groups: tuple[str, ...]) -> dict:
     names = ("steps", "grad_accum", "warmup", "min_lr", "weight_decay", "clip_norm", "seed")
     names += ("eval_every", "eval_examples", "save_every", "split_noise", "dtype")
+    names += ("attention_loss",)
     picked = {name: options[name] for name in names}
+    if options["attention_heads"] is not None:
+        try:
+            picked["attention_heads"] = parse_heads(options["attention_heads"])
+        except ConversionError:
+            raise click.BadParameter(
+                f"heads must look like '17.3,18.6', got {options['attention_heads']!r}"
+            ) from None
     layers = options["injection_layers"]
     if layers is not None:
         try:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -46,6 +47,16 @@ def make_rope(args: llama.ModelArgs) -> nn.Module:
     )
 
 
+@dataclass
+class AttentionTap:
+    """Asks the injection blocks for their attention at some query rows (training uses it
+    to teach the heads where to look): each block that runs appends its log-probabilities
+    over the tree entries, (B, heads, len(rows), entries), in layer order."""
+
+    rows: mx.array
+    logprobs: list[mx.array] = field(default_factory=list)
+
+
 class Injection(nn.Module):
     """Cross-attention from the upper model's hidden states over the context tree.
 
@@ -65,12 +76,26 @@ class Injection(nn.Module):
         self.o_proj = nn.Linear(inner, dim, bias=False)
         self.rope = make_rope(args)
 
-    def __call__(self, x: mx.array, tree: TreeCache, position: int) -> mx.array:
+    def __call__(
+        self, x: mx.array, tree: TreeCache, position: int, tap: AttentionTap | None = None
+    ) -> mx.array:
         b, length, _ = x.shape
         q = self.q_proj(self.layernorm(x)).reshape(b, length, self.n_heads, -1)
         q = rotate_at(q.transpose(0, 2, 1, 3), self.rope, position)
+        if tap is not None:
+            tap.logprobs.append(self.log_attention(q[:, :, tap.rows], tree))
         out = inject_attention(q, tree, self.scale)
         return x + self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
+
+    def log_attention(self, q: mx.array, tree: TreeCache) -> mx.array:
+        """log softmax(q K^T * scale) over the tree entries, (B, heads, L, entries)."""
+        keys, _ = tree.dequantized()
+        b, kv_heads, entries, _ = keys.shape
+        _, heads, length, dim = q.shape
+        q = q.reshape(b, kv_heads, heads // kv_heads, length, dim)
+        scores = (q @ keys[:, :, None].swapaxes(-1, -2)) * self.scale
+        scores = scores.reshape(b, heads, length, entries).astype(mx.float32)
+        return scores - mx.logsumexp(scores, axis=-1, keepdims=True)
 
 
 class DecoderLayer(llama.TransformerBlock):
@@ -81,7 +106,9 @@ class DecoderLayer(llama.TransformerBlock):
         if inject:
             self.cross_attn = Injection(args)
 
-    def __call__(self, x, mask=None, cache=None, tree_kv=None, position: int = 0) -> mx.array:
+    def __call__(
+        self, x, mask=None, cache=None, tree_kv=None, position: int = 0, tap=None
+    ) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
         if tree_kv is not None and not self.cross_attn.idle:
             if not tree_kv.capacity:
@@ -89,7 +116,7 @@ class DecoderLayer(llama.TransformerBlock):
                     "the tree was compressed while this injection layer was idle (its "
                     "output projection was zero): compress the context again"
                 )
-            h = self.cross_attn(h, tree_kv, position)
+            h = self.cross_attn(h, tree_kv, position, tap)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -103,12 +130,18 @@ class UpperModel(nn.Module):
         ]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, inputs: mx.array, tree: ContextTree | None, cache: list) -> mx.array:
+    def __call__(
+        self,
+        inputs: mx.array,
+        tree: ContextTree | None,
+        cache: list,
+        tap: AttentionTap | None = None,
+    ) -> mx.array:
         h = self.embed_tokens(inputs)
         mask = create_attention_mask(h, cache[0])
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
             tree_kv = tree.layer(i) if tree is not None and i < len(tree.layers) else None
-            h = layer(h, mask, c, tree_kv, tree.query_position if tree else 0)
+            h = layer(h, mask, c, tree_kv, tree.query_position if tree else 0, tap)
         return self.norm(h)
 
 
@@ -142,7 +175,10 @@ class SharedLLM(nn.Module):
         cache: list | None = None,
     ) -> mx.array:
         """Logits (B, L, vocab) for `inputs` (B, L), reading `tree` in the injection layers."""
-        h = self.model(inputs, tree, cache or [None] * len(self.layers))
+        return self.head(self.model(inputs, tree, cache or [None] * len(self.layers)))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits for the final hidden states `h`."""
         if self.config.upper.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)

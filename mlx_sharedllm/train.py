@@ -28,7 +28,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 from tqdm import tqdm
 
 from .adapters import ADAPTER_FILES, GROUPS, load_adapter, save_adapter, set_trainable
-from .model import SharedLLM
+from .model import AttentionTap, SharedLLM
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 SIGMA_LM, SIGMA_SFT = 0.2, 0.1  # split noise sigma / node length (SPEC section 3)
@@ -54,6 +54,9 @@ class Example:
     targets: np.ndarray
     mask: np.ndarray
     split_sigma: float | None = None  # set by a Mixture: the noise of the example's source
+    # (k, 2): an input row and the context token that its next token copies (from a
+    # record's "evidence"); the attention loss teaches the injection to look there.
+    attend: np.ndarray | None = None
 
     @property
     def tokens(self) -> int:
@@ -252,16 +255,23 @@ class Instructions:
                 f"{where}: the context has {len(context)} tokens, "
                 f"fewer than one chunk ({self.chunk_len})"
             )
-        pieces, scored = [context[n * self.chunk_len :]], [False]
+        pieces, scored, attend = [context[n * self.chunk_len :]], [False], []
         for turn in _turns(record):
             pieces += [self._prompt_ids(turn["prompt"]), self._ids(turn["response"], eos=True)]
             scored += [False, True]
+            if "evidence" in turn:
+                first = sum(map(len, pieces[:-1])) - 1  # the row that predicts the response
+                start, end = turn["evidence"]
+                attend += [(first + j, start + j) for j in range(min(end - start, len(pieces[-1])))]
         running = np.concatenate(pieces)
         # Token t + 1 is a target of the loss when it belongs to a response.
         is_response = np.concatenate([np.full(len(p), s) for p, s in zip(pieces, scored)])
         mask = is_response[1:].astype(np.float32)
         chunks = context[: n * self.chunk_len].reshape(n, self.chunk_len)
-        return Example(chunks, pieces[1], running[:-1], running[1:], mask)
+        attend = np.asarray([a for a in attend if a[1] < n * self.chunk_len], np.int64)
+        return Example(
+            chunks, pieces[1], running[:-1], running[1:], mask, attend=attend.reshape(-1, 2)
+        )
 
     def _ids(self, value: str | list[int], eos: bool = False) -> np.ndarray:
         if not isinstance(value, str):
@@ -294,9 +304,23 @@ def _parse_record(line: str, where: str, tokenizer: Any) -> dict:
             _check_fields(
                 {"context": record.get("context"), **turn}, f"{where}: turn {i}", tokenizer
             )
+            _check_evidence({"context": record.get("context"), **turn}, f"{where}: turn {i}")
         return record
     _check_fields(record, where, tokenizer)
+    _check_evidence(record, where)
     return record
+
+
+def _check_evidence(turn: dict, where: str) -> None:
+    """An optional "evidence": [start, end), the context tokens that the response copies."""
+    if "evidence" not in turn:
+        return
+    span, context = turn["evidence"], turn.get("context")
+    ints = isinstance(span, list) and len(span) == 2 and all(isinstance(i, int) for i in span)
+    if not ints or not 0 <= span[0] < span[1]:
+        raise DataError(f"{where}: 'evidence' must be [start, end] token indices, start < end")
+    if isinstance(context, list) and span[1] > len(context):
+        raise DataError(f"{where}: 'evidence' ends after the context ({len(context)} tokens)")
 
 
 def _turns(record: dict) -> list[dict]:
@@ -395,9 +419,18 @@ class TrainConfig:
     injection_layers: tuple[int, ...] | None = None  # None: every injection layer trains
     split_noise: float | None = None  # sigma / node length; None: the source's default
     dtype: str | None = None  # cast the model to this float dtype for training
+    # The weight of the attention loss (0: off): on examples with evidence, the negative
+    # log attention of `attention_heads` (layer, head) pairs (None: every head of the
+    # training injection layers) on the context token that each answer token copies.
+    attention_loss: float = 0.0
+    attention_heads: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         self.train = tuple(self.train)
+        if self.attention_heads is not None:
+            self.attention_heads = tuple((int(a), int(b)) for a, b in self.attention_heads)
+        if self.attention_loss < 0:
+            raise ValueError(f"attention_loss must be >= 0, got {self.attention_loss}")
         if self.injection_layers is not None:
             self.injection_layers = tuple(sorted({int(i) for i in self.injection_layers}))
             if not self.injection_layers or "injection" not in self.train:
@@ -432,6 +465,7 @@ class StepInfo:
     learning_rate: float
     tokens_per_s: float
     eval_loss: float | None = None
+    attention_loss: float | None = None  # per taught (row, head), when there was one
 
 
 @dataclass
@@ -455,10 +489,59 @@ def make_optimizer(config: TrainConfig) -> optim.AdamW:
     return optim.AdamW(learning_rate=decay, weight_decay=config.weight_decay)
 
 
-def example_loss(model: SharedLLM, inputs, targets, mask, tree) -> mx.array:
-    """Summed cross-entropy over the masked targets; the tree is a constant here."""
-    logits = model(inputs[None], tree=tree)[0].astype(mx.float32)
-    return (nn.losses.cross_entropy(logits, targets) * mask).sum()
+@dataclass
+class AttentionTarget:
+    """Where the injection should look: tree `entries` for input `rows`, taught to the
+    listed heads of each injection layer that runs (in layer order; None: not taught)."""
+
+    rows: mx.array
+    entries: mx.array
+    heads: list[list[int] | None]
+
+
+def example_loss(
+    model: SharedLLM, inputs, targets, mask, tree, attention: AttentionTarget | None = None
+) -> tuple[mx.array, mx.array]:
+    """(summed cross-entropy over the masked targets, summed negative log attention of
+    the taught heads on their entries, per head). The tree is a constant here."""
+    tap = AttentionTap(attention.rows) if attention is not None else None
+    h = model.model(inputs[None], tree, [None] * len(model.layers), tap)[0]
+    # Only scored positions need logits: a response is a few tokens of a long window.
+    keep = np.flatnonzero(np.asarray(mask))
+    if len(keep) < len(mask):
+        rows = mx.array(keep)
+        h, targets, mask = h[rows], targets[rows], mask[rows]
+    logits = model.head(h).astype(mx.float32)
+    loss = (nn.losses.cross_entropy(logits, targets) * mask).sum()
+    if tap is None:
+        return loss, mx.array(0.0)
+    return loss, attention_nll(tap.logprobs, attention)
+
+
+def attention_nll(logprobs: list[mx.array], target: AttentionTarget) -> mx.array:
+    """Minus the log attention on the target entries, summed over rows, mean over heads."""
+    total, heads_taught = mx.array(0.0), 0
+    index = target.entries[None, :, None]
+    for layer_logprobs, heads in zip(logprobs, target.heads):
+        if heads:
+            picked = layer_logprobs[0][mx.array(heads)]
+            on = mx.take_along_axis(
+                picked, mx.broadcast_to(index, (len(heads), *index.shape[1:])), -1
+            )
+            total, heads_taught = total - on.sum(), heads_taught + len(heads)
+    return total / max(heads_taught, 1)
+
+
+def taught_heads(model: SharedLLM, config: TrainConfig) -> list[list[int] | None]:
+    """Per injection layer that runs while training (in order), the heads to teach."""
+    n_inj, n_heads = model.config.num_injection_layers, model.args.num_attention_heads
+    training = config.injection_layers or tuple(range(n_inj))
+    pairs = config.attention_heads or [(i, h) for i in training for h in range(n_heads)]
+    wrong = [f"{i}.{h}" for i, h in pairs if i not in training or not 0 <= h < n_heads]
+    if wrong:
+        raise ValueError(f"attention heads {wrong} are not heads of a training injection layer")
+    running = [i for i in range(n_inj) if i in training or not model.layers[i].cross_attn.idle]
+    return [sorted(h for i, h in pairs if i == layer) or None for layer in running]
 
 
 def _arrays(example: Example) -> tuple[mx.array, mx.array, mx.array]:
@@ -470,7 +553,7 @@ def evaluate(model: SharedLLM, source: ExampleSource, count: int) -> float:
     total = tokens = 0.0
     for example in itertools.islice(source.examples(0), count):
         tree = build_tree(model, example, 0.0, np.random.default_rng(0))
-        loss = example_loss(model, *_arrays(example), tree)
+        loss, _ = example_loss(model, *_arrays(example), tree)
         total, tokens = total + loss.item(), tokens + float(example.mask.sum())
     return total / max(tokens, 1.0)
 
@@ -497,24 +580,44 @@ class _Trainer:
         self.rng = np.random.default_rng(config.seed)
         self.optimizer = make_optimizer(config)
         self.optimizer.init(model.trainable_parameters())
-        self.loss_and_grad = nn.value_and_grad(model, example_loss)
+        self.loss_and_grad = nn.value_and_grad(model, self._loss)
         self.tokens, self.eval_loss = 0, None
+        self.heads = taught_heads(model, config) if config.attention_loss else None
 
-    def step(self, examples: Iterator[Example]) -> tuple[float, int]:
-        """One optimizer step over `grad_accum` examples: (mean token loss, tokens)."""
-        grads, total, targets, tokens = None, 0.0, 0.0, 0
+    def _loss(self, model, inputs, targets, mask, tree, attention):
+        loss, attn = example_loss(model, inputs, targets, mask, tree, attention)
+        return loss + self.config.attention_loss * attn, attn
+
+    def step(self, examples: Iterator[Example]) -> tuple[float, int, float | None]:
+        """One optimizer step over `grad_accum` examples: (mean token loss, tokens, mean
+        attention loss per taught row, or None)."""
+        grads, total, targets, tokens, attn, rows = None, 0.0, 0.0, 0, 0.0, 0
         for example in itertools.islice(examples, self.config.grad_accum):
             tree = build_tree(self.model, example, self._sigma(example), self.rng)
-            loss, g = self.loss_and_grad(self.model, *_arrays(example), tree)
+            target = self._attention_target(example, tree)
+            (loss, part), g = self.loss_and_grad(self.model, *_arrays(example), tree, target)
             grads = g if grads is None else tree_map(mx.add, grads, g)
-            mx.eval(loss, grads)
-            total, targets = total + loss.item(), targets + float(example.mask.sum())
-            tokens += example.tokens
+            mx.eval(loss, part, grads)
+            n_rows = 0 if target is None else target.rows.size
+            attn, rows = attn + part.item(), rows + n_rows
+            total = total + loss.item() - self.config.attention_loss * part.item()
+            targets, tokens = targets + float(example.mask.sum()), tokens + example.tokens
         grads = tree_map(lambda g: g / max(targets, 1.0), grads)
         grads, _ = optim.clip_grad_norm(grads, self.config.clip_norm)
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
-        return total / max(targets, 1.0), tokens
+        return total / max(targets, 1.0), tokens, attn / rows if rows else None
+
+    def _attention_target(self, example: Example, tree) -> AttentionTarget | None:
+        if self.heads is None or example.attend is None or not len(example.attend):
+            return None
+        if tree.entries_per_chunk != tree.chunk_len or self.model.config.layout != "paper":
+            raise ValueError(
+                "the attention loss needs a tree that keeps every context token in order "
+                "(last_p <= 0, the paper layout)"
+            )
+        rows, entries = (mx.array(a) for a in example.attend.T)
+        return AttentionTarget(rows, entries, self.heads)
 
     def _sigma(self, example: Example) -> float:
         """The split noise: the run's setting, else the example's source's."""
@@ -528,10 +631,11 @@ class _Trainer:
 
     def advance(self, examples: Iterator[Example], start: float) -> StepInfo:
         """Take a step; evaluate when it is time. `start` is when this run began."""
-        loss, tokens = self.step(examples)
+        loss, tokens, attn = self.step(examples)
         self.state.step, self.tokens = self.state.step + 1, self.tokens + tokens
         lr = self.optimizer.learning_rate.item()
-        info = StepInfo(self.state.step, loss, lr, self.tokens / (time.perf_counter() - start))
+        speed = self.tokens / (time.perf_counter() - start)
+        info = StepInfo(self.state.step, loss, lr, speed, attention_loss=attn)
         if self.eval_source and (self.state.step % self.config.eval_every == 0 or self.done):
             info.eval_loss = self.eval_loss = evaluate(
                 self.model, self.eval_source, self.config.eval_examples

@@ -12,6 +12,7 @@ import signal
 import time
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -23,6 +24,7 @@ from mlx_sharedllm import train as train_module
 from mlx_sharedllm.adapters import fuse, load_adapter, read_adapter
 from mlx_sharedllm.cli.train_cli import fuse_command, train_command
 from mlx_sharedllm.generate import generate
+from mlx_sharedllm.model import AttentionTap
 from mlx_sharedllm.train import (
     DataError,
     Example,
@@ -32,6 +34,7 @@ from mlx_sharedllm.train import (
     TrainConfig,
     build_tree,
     draw_splits,
+    example_loss,
     make_optimizer,
     train,
 )
@@ -77,8 +80,9 @@ class Facts:
             yield Example(context, text[:-1], text[:-1], text[1:], mask)
 
 
-def facts_model(seed: int = 0) -> SharedLLM:
-    """A random SharedLLM: upper 3 layers, a separate random 2-layer lower model, M = 2."""
+def facts_model(seed: int = 0, **tree) -> SharedLLM:
+    """A random SharedLLM: upper 3 layers, a separate random 2-layer lower model, M = 2;
+    `tree` overrides the tree settings."""
     llama = dict(
         hidden_size=64,
         num_hidden_layers=3,
@@ -98,6 +102,7 @@ def facts_model(seed: int = 0) -> SharedLLM:
         chunk_len=CHUNK,
         policy="query",
     )
+    config = SharedLLMConfig(**{**config.__dict__, **tree}) if tree else config
     mx.random.seed(seed)
     model = SharedLLM(config)
     mx.eval(model.parameters())
@@ -310,6 +315,29 @@ def test_instruction_example_keeps_the_remainder_and_masks_the_prompt(tmp_path):
     assert list(ex.mask) == [0] * 24 + [1] * 3
 
 
+def test_loss_scores_only_the_masked_positions():
+    """The loss computes logits at the scored positions only, and equals the masked sum
+    of the full logits' cross-entropy (its gradient too)."""
+    model, rng = facts_model(), np.random.default_rng(3)
+    context, _ = facts_context(rng)
+    tree = model.compress(mx.array(context), mx.array([Q, KEYS]))
+    inputs, targets = (mx.array(rng.integers(FILLER, VOCAB, 40)) for _ in range(2))
+    mask = mx.array((np.arange(40) % 7 == 3).astype(np.float32))
+
+    def full(model, inputs, targets, mask, tree):
+        logits = model(inputs[None], tree=tree)[0]
+        return (nn.losses.cross_entropy(logits, targets) * mask).sum()
+
+    for fn_mask in (mask, mx.ones(40)):
+        (ours, attn), ours_grad = nn.value_and_grad(model, example_loss)(
+            model, inputs, targets, fn_mask, tree
+        )
+        theirs, theirs_grad = nn.value_and_grad(model, full)(model, inputs, targets, fn_mask, tree)
+        assert attn.item() == 0 and abs(ours.item() - theirs.item()) < 1e-4 * abs(theirs.item())
+        for (name, a), (_, b) in zip(tree_flatten(ours_grad), tree_flatten(theirs_grad)):
+            assert mx.allclose(a, b, atol=1e-5, rtol=1e-4).item(), name
+
+
 def _jsonl(*records) -> str:
     return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
 
@@ -520,3 +548,120 @@ def test_instruction_turns_score_every_response(tmp_path):
     bad.write_text(_jsonl({"context": "c" * 40, "turns": [{"prompt": "a"}]}))
     with pytest.raises(DataError, match="bad.jsonl:1: turn 0: the record has no 'response'"):
         Instructions([bad], tok, 16, chat_template=False)
+
+
+# -- the attention loss: teaching the injection where to look ------------------------------
+
+
+def test_evidence_marks_the_rows_that_copy_and_the_tokens_they_copy(tmp_path):
+    tok = CharTokenizer()
+    context = list(range(2, 42))  # 40 ids: 2 chunks of 16 in the tree, 8 running
+    record = {
+        "context": context,
+        "turns": [
+            {"prompt": [7, 8], "response": [7, 8, 9], "evidence": [5, 8]},
+            {"prompt": [9], "response": [34, 35], "evidence": [32, 34]},  # in the tail
+            {"prompt": [9], "response": [32, 33, 34], "evidence": [30, 33]},  # the tree's end
+        ],
+    }
+    path = tmp_path / "ev.jsonl"
+    path.write_text(_jsonl(record))
+    (ex,) = Instructions([path], tok, 16, chat_template=False).examples(0)
+    running = np.concatenate([ex.inputs[:1], ex.targets])
+    for row, entry in ex.attend:
+        assert ex.mask[row] == 1  # the row predicts a response token ...
+        assert running[row + 1] == context[entry]  # ... that the context holds there
+    assert ex.attend[:, 1].tolist() == [5, 6, 7, 30, 31]
+    assert ex.attend[:, 0].tolist() == [9, 10, 11, 16, 17]  # id responses get no EOS
+    bad = {**record, "turns": [{"prompt": "a", "response": "b", "evidence": [3, 99]}]}
+    path.write_text(_jsonl(bad))
+    with pytest.raises(DataError, match="ev.jsonl:1: turn 0: 'evidence' ends after the context"):
+        Instructions([path], tok, 16, chat_template=False)
+    path.write_text(_jsonl({**GOOD, "evidence": [4, 2]}))
+    with pytest.raises(DataError, match="ev.jsonl:1: 'evidence' must be"):
+        Instructions([path], tok, 16, chat_template=False)
+
+
+def test_tapped_attention_is_the_injection_attention():
+    """exp(log_attention) @ V is what the injection block computes."""
+    model, rng = facts_model(), np.random.default_rng(4)
+    context, _ = facts_context(rng)
+    tree = model.compress(mx.array(context), mx.array([Q, KEYS]))
+    block, cache = model.layers[1].cross_attn, tree.layer(1)
+    q = mx.random.normal((1, 4, 5, 16))
+    logprobs = block.log_attention(q, cache)
+    keys, values = cache.dequantized()
+    assert logprobs.shape == (1, 4, 5, keys.shape[2])
+    assert mx.allclose(mx.exp(logprobs).sum(-1), mx.ones((1, 4, 5)), atol=1e-5).item()
+    ours = mx.exp(logprobs) @ values
+    theirs = mx.fast.scaled_dot_product_attention(q, keys, values, scale=block.scale)
+    assert mx.allclose(ours, theirs, atol=1e-5).item()
+
+
+class Repeat:
+    """The same example, again and again."""
+
+    split_sigma = 0.0
+
+    def __init__(self, example: Example):
+        self.example = example
+
+    def examples(self, epoch: int):
+        while True:
+            yield self.example
+
+
+def _evidence_example(rng) -> Example:
+    context, facts = facts_context(rng)
+    key = next(iter(facts))
+    at = int(np.flatnonzero(context.reshape(-1) == KEYS + key)[0]) - 1  # its value
+    text = np.array([Q, KEYS + key, VALUES + facts[key]])
+    mask = np.array([0, 1], np.float32)
+    return Example(context, text[:2], text[:-1], text[1:], mask, attend=np.array([[1, at]]))
+
+
+def _attention_on(model, example, layer: int, head: int) -> float:
+    tree = build_tree(model, example, 0.0, np.random.default_rng(0))
+    tap = AttentionTap(mx.array([1]))
+    model.model(mx.array(example.inputs[None]), tree, [None] * len(model.layers), tap)
+    return mx.exp(tap.logprobs[layer][0, head, 0, int(example.attend[0, 1])]).item()
+
+
+def test_attention_loss_teaches_the_heads_to_look_at_the_evidence(tmp_path):
+    model = facts_model(tree_depth=1, last_p=0)  # a tree that keeps every token
+    example = _evidence_example(np.random.default_rng(5))
+    before = [_attention_on(model, example, 1, h) for h in range(4)]
+    config = TrainConfig(
+        steps=15,
+        grad_accum=1,
+        learning_rate=3e-2,
+        warmup=0,
+        attention_loss=1.0,
+        attention_heads=((1, 2),),
+        injection_layers=(1,),
+    )
+    train(model, Repeat(example), tmp_path, config, progress=False)
+    logged = [r["attention_loss"] for r in _log(tmp_path)]
+    assert logged[-1] < 0.2 * logged[0]
+    after = [_attention_on(model, example, 1, h) for h in range(4)]
+    assert before[2] < 0.2 and after[2] > 0.8, (before, after)
+    assert max(after[h] for h in (0, 1, 3)) < 0.5  # untaught heads learn no such focus
+
+
+def test_attention_loss_needs_a_tree_of_every_token(tmp_path):
+    model = facts_model()  # depth 2, last_p 4: a tree of some tokens
+    example = _evidence_example(np.random.default_rng(5))
+    config = TrainConfig(steps=1, grad_accum=1, attention_loss=1.0)
+    with pytest.raises(ValueError, match="keeps every context token in order"):
+        train(model, Repeat(example), tmp_path, config, progress=False)
+
+
+def test_attention_heads_must_be_training_heads(zero_model, tmp_path):
+    data = tmp_path / "sft.jsonl"
+    data.write_text(_jsonl({"context": TEXT, "prompt": "Who?", "response": "the old man"}))
+    args = ["--model", str(zero_model), "--data", str(data), "--steps", "1", "--grad-accum", "1"]
+    args += ["--attention-loss", "1", "--injection-layers", "1", "-o", str(tmp_path / "r")]
+    result = CliRunner().invoke(train_command, [*args, "--attention-heads", "0.1"])
+    assert result.exit_code == 1 and "attention heads ['0.1'] are not heads of" in result.output
+    result = CliRunner().invoke(train_command, [*args, "--attention-heads", "1-2"])
+    assert result.exit_code == 2 and "heads must look like '17.3,18.6'" in result.output

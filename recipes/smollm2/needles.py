@@ -119,3 +119,159 @@ def insert(
     at = int(ends[np.argmin(np.abs(ends - target))]) if len(ends) else int(target)
     at = min(at, len(haystack))
     return np.concatenate([haystack[:at], needle, haystack[at:]]), at
+
+
+# -- varied needles: phrasings, keys and attributes drawn at random -----------------------
+# Stage 2 of the recipe trains on these so that the injection learns to match a question
+# to its fact by the key, not by one of eight fixed sentences. None of the evaluation's
+# words ("special", "magic", its adjectives and nouns) is used.
+
+VARIED_ATTRIBUTES = (
+    "secret code",
+    "passkey",
+    "account number",
+    "locker number",
+    "PIN",
+    "reference number",
+    "ticket number",
+    "phone extension",
+    "serial number",
+    "room number",
+    "access code",
+    "combination",
+    "order number",
+    "badge number",
+    "catalogue number",
+    "door code",
+    "lottery number",
+    "safe code",
+    "invoice number",
+    "parcel number",
+)
+VARIED_KEYS = {
+    "person": (
+        "Margaret",
+        "Thomas",
+        "Eleanor",
+        "Samuel",
+        "Beatrice",
+        "Oliver",
+        "Clara",
+        "Henry",
+        "Agnes",
+        "Walter",
+        "Florence",
+        "Arthur",
+        "Mabel",
+        "Frederick",
+        "Edith",
+        "Louis",
+        "Harriet",
+        "Victor",
+        "Josephine",
+        "Albert",
+        "Rosalind",
+        "Edmund",
+        "Winifred",
+        "Hugo",
+    ),
+    "first": (
+        "red",
+        "silver",
+        "northern",
+        "little",
+        "crimson",
+        "broken",
+        "golden",
+        "hidden",
+        "winter",
+        "copper",
+        "purple",
+        "silent",
+        "iron",
+        "western",
+        "paper",
+        "sleepy",
+        "marble",
+        "bright",
+        "dusty",
+        "wooden",
+        "frozen",
+        "lucky",
+        "ancient",
+        "crooked",
+    ),
+    "second": (
+        "falcon",
+        "lantern",
+        "river",
+        "tower",
+        "garden",
+        "engine",
+        "castle",
+        "window",
+        "bottle",
+        "mountain",
+        "island",
+        "ribbon",
+        "kettle",
+        "anchor",
+        "mirror",
+        "forest",
+        "bridge",
+        "feather",
+        "carriage",
+        "chimney",
+        "pebble",
+        "basket",
+        "saddle",
+        "beacon",
+    ),
+}
+VARIED_NEEDLES = (
+    "The {attr} of {key} is {value}.",
+    "{Key}'s {attr} is {value}.",
+    "Note: the {attr} for {key} is {value}.",
+    "For {key}, the {attr} is {value}.",
+    "Remember that the {attr} assigned to {key} is {value}.",
+    "The {attr} that belongs to {key} is {value}.",
+    "Please keep in mind: {key} has the {attr} {value}.",
+    "It was written down that the {attr} of {key} was {value}.",
+    "{Key} uses {value} as the {attr}.",
+    "The {attr} registered under {key}: {value}.",
+)
+VARIED_QUESTIONS = (
+    "What is the {attr} of {key}?",
+    "What is {key}'s {attr}?",
+    "Tell me the {attr} for {key}.",
+    "Which {attr} was given for {key} in the text?",
+    "According to the text, what is the {attr} assigned to {key}?",
+    "What {attr} does {key} have?",
+    "Find the {attr} of {key} in the passage above.",
+)
+VARIED_SUFFIXES = (
+    "Answer with the number only.",
+    "Give only the number.",
+    "Respond with the number and nothing else.",
+    "Only the digits, please.",
+    "",
+)
+
+
+def varied_key(rng: np.random.Generator) -> str:
+    """A name, or two random words joined by a space, a hyphen or an underscore."""
+    if rng.random() < 0.3:
+        return str(rng.choice(VARIED_KEYS["person"]))
+    first, second = rng.choice(VARIED_KEYS["first"]), rng.choice(VARIED_KEYS["second"])
+    joined = f"{first}{rng.choice([' ', '-', '_'])}{second}"
+    return f"the {joined}" if rng.random() < 0.3 else joined
+
+
+def varied_fill(rng: np.random.Generator, key: str, attr: str, parity: int):
+    """(needle sentence, question with its instruction, answer) for one key."""
+    value = number(rng, int(rng.integers(3, 10)), parity)
+    words = {"key": key, "Key": key[:1].upper() + key[1:], "attr": attr, "value": value}
+    needle = str(rng.choice(VARIED_NEEDLES)).format(**words)
+    question = str(rng.choice(VARIED_QUESTIONS)).format(**words)
+    suffix = str(rng.choice(VARIED_SUFFIXES))
+    return needle, f"{question} {suffix}".strip(), value
