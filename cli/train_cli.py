@@ -96,6 +96,13 @@ def _groups(value: str) -> tuple[str, ...]:
 )
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in OUT.")
+@click.option(
+    "--stop-after",
+    type=click.IntRange(min=1),
+    default=None,
+    help="End the run after this step of the --steps schedule (checkpoint saved; "
+    "--resume continues it).",
+)
 @click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option(
     "--grad-accum",
@@ -167,7 +174,7 @@ def _groups(value: str) -> tuple[str, ...]:
     help="Train in this dtype (the adapter still fits the model as stored).",
 )
 @click.option("--encoding", default="utf-8", show_default=True, help="The data's text encoding.")
-def train_command(model, data, eval_data, task, out, resume, groups, **options) -> None:
+def train_command(model, data, eval_data, task, out, resume, stop_after, groups, **options) -> None:
     """Train the context injection of a model on DATA; write an adapter to OUT.
 
     The lower model stays frozen. OUT gets adapter.safetensors + adapter.json (use them
@@ -185,7 +192,9 @@ def train_command(model, data, eval_data, task, out, resume, groups, **options) 
         held_out = eval_data and make_source(
             eval_data, eval_kind, tokenizer, shared.config, options, config.seed
         )
-        result = train(shared, train_source, out, config, held_out or None, resume)
+        result = train(
+            shared, train_source, out, config, held_out or None, resume, stop_after=stop_after
+        )
     except (InputError, ValueError, FileExistsError) as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:

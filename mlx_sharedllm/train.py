@@ -721,6 +721,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     callback: Callable[[StepInfo], None] | None = None,
+    stop_after: int | None = None,
 ) -> TrainResult:
     """Train the injection of `model` on `data`; write checkpoints and the adapter to `out`.
 
@@ -729,6 +730,8 @@ def train(
     `checkpoint/` folder to resume from (`resume=True` continues exactly where it
     stopped) and `log.jsonl`, the loss per step and the eval loss. Ctrl-C stops after the
     current step with a checkpoint saved. `callback(StepInfo)` is called after each step.
+    `stop_after` ends the run at that step of the schedule, as Ctrl-C would (checkpoint
+    and adapter saved; `resume` continues it).
     """
     config = config or TrainConfig()
     if model.config.quantization:
@@ -751,21 +754,22 @@ def train(
     if "injection" in config.train:  # a layer that learns is never skipped as idle
         every = range(model.config.num_injection_layers)
         model.mark_idle_injections(tuple(config.injection_layers or every))
-    return _run(trainer, progress, callback)
+    return _run(trainer, progress, callback, stop_after or config.steps)
 
 
-def _run(trainer: _Trainer, progress: bool, callback) -> TrainResult:
+def _run(trainer: _Trainer, progress: bool, callback, stop_after: int) -> TrainResult:
     config, state = trainer.config, trainer.state
     examples, start = _stream(trainer.source, state), time.perf_counter()
     info = StepInfo(state.step, math.nan, math.nan, 0.0)
     bar = tqdm(total=config.steps, initial=state.step, unit="step", disable=not progress)
     with bar, _Interrupt() as interrupt, open(trainer.out / LOG, "a") as log:
-        while state.step < config.steps:
+        while state.step < min(config.steps, stop_after):
             info = trainer.advance(examples, start)
             _report(bar, log, info)
             if callback:
                 callback(info)
-            if state.step % config.save_every == 0 or trainer.done or interrupt.requested:
+            last = trainer.done or state.step == stop_after
+            if state.step % config.save_every == 0 or last or interrupt.requested:
                 trainer.save()
             if interrupt.requested:
                 raise KeyboardInterrupt

@@ -216,6 +216,11 @@ def test_an_interrupted_run_resumes_exactly(tmp_path):
     assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) for k in a)
     assert all("cross_attn" in k for k in a)
 
+    stopped = train(facts_model(), Facts(0), tmp_path / "c", config, Facts(1), stop_after=3)
+    assert stopped.steps == 3 and (tmp_path / "c" / "adapter.safetensors").exists()
+    train(facts_model(), Facts(0), tmp_path / "c", config, Facts(1), resume=True)
+    assert _losses(tmp_path / "c") == _losses(tmp_path / "a")
+
 
 def test_schedule_warmup_then_cosine():
     config = TrainConfig(steps=10, learning_rate=1.0, warmup=4, min_lr=0.1)
