@@ -26,6 +26,7 @@ mlx-sharedllm train --model "$DATA"/stage1-model --task mix --lm-weight 0.15 \
   --data "$DATA"/varied/needles_train.jsonl "${BOOKS[@]}" \
   --eval-data "$DATA"/varied/needles_val.jsonl --eval-every 25 --eval-examples 4 \
   --injection-layers 17,18 --attention-loss 1.0 --context-chunks 1 --window 256 \
-  --steps 100 --grad-accum 4 --lr 3e-4 --warmup 3 --min-lr 3e-5 --save-every 5 --seed 0 \
+  --steps 100 --stop-after 80 --grad-accum 4 --lr 3e-4 --warmup 3 --min-lr 3e-5 \
+  --save-every 5 --seed 0 \
   -o "$RUN2"
 python recipes/smollm2/install_adapter.py "$RUN2"
