@@ -216,10 +216,8 @@ def _train_options(options: dict, groups: tuple[str, ...]) -> dict:
     if options["attention_heads"] is not None:
         try:
             picked["attention_heads"] = parse_heads(options["attention_heads"])
-        except ConversionError:
-            raise click.BadParameter(
-                f"heads must look like '17.3,18.6', got {options['attention_heads']!r}"
-            ) from None
+        except ConversionError as e:
+            raise click.BadParameter(str(e)) from None
     layers = options["injection_layers"]
     if layers is not None:
         try:

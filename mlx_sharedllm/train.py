@@ -585,8 +585,9 @@ class _Trainer:
         self.heads = taught_heads(model, config) if config.attention_loss else None
 
     def _loss(self, model, inputs, targets, mask, tree, attention):
+        """(what the gradient is of, the answer loss, the attention loss)."""
         loss, attn = example_loss(model, inputs, targets, mask, tree, attention)
-        return loss + self.config.attention_loss * attn, attn
+        return loss + self.config.attention_loss * attn, loss, attn
 
     def step(self, examples: Iterator[Example]) -> tuple[float, int, float | None]:
         """One optimizer step over `grad_accum` examples: (mean token loss, tokens, mean
@@ -595,12 +596,12 @@ class _Trainer:
         for example in itertools.islice(examples, self.config.grad_accum):
             tree = build_tree(self.model, example, self._sigma(example), self.rng)
             target = self._attention_target(example, tree)
-            (loss, part), g = self.loss_and_grad(self.model, *_arrays(example), tree, target)
+            (_, loss, part), g = self.loss_and_grad(self.model, *_arrays(example), tree, target)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(loss, part, grads)
             n_rows = 0 if target is None else target.rows.size
             attn, rows = attn + part.item(), rows + n_rows
-            total = total + loss.item() - self.config.attention_loss * part.item()
+            total = total + loss.item()
             targets, tokens = targets + float(example.mask.sum()), tokens + example.tokens
         grads = tree_map(lambda g: g / max(targets, 1.0), grads)
         grads, _ = optim.clip_grad_norm(grads, self.config.clip_norm)
