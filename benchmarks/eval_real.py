@@ -40,8 +40,8 @@ from mlx_lm.models.cache import trim_prompt_cache  # noqa: E402
 from needles import Template, insert, number, sentence_ends  # noqa: E402
 from sources import botchan_split  # noqa: E402
 
+from mlx_sharedllm.distractors import arrange, movable_chunks  # noqa: E402
 from mlx_sharedllm.generate import WithTree, encode_prompt  # noqa: E402
-from mlx_sharedllm.kernels import rotate_at  # noqa: E402
 from mlx_sharedllm.loading import load  # noqa: E402
 from mlx_sharedllm.tree import ContextTree  # noqa: E402
 
@@ -162,33 +162,15 @@ def prefill(model, tokens: np.ndarray, cache: list, step: int = 2048) -> None:
         mx.eval([c.state for c in cache])
 
 
-def reusable_chunks(model) -> bool:
-    """True when each chunk's tree entries depend only on that chunk: no query-aware
-    split (depth 1, or the fixed right policy) and the paper layout, whose chunk
-    position is the chunk's index."""
-    c = model.config
-    return (c.tree_depth == 1 or c.policy == "right") and c.layout == "paper"
-
-
 def spliced(model, base: ContextTree, needle: Needle, chunk_len: int) -> ContextTree:
-    """`base` with the needle's chunk compressed again and put in place, keys rotated to
-    its chunk position."""
-    k, t = needle.chunk, base.entries_per_chunk
+    """`base` with the needle's chunk compressed again and put in its place."""
+    k = needle.chunk
     one = model.compress(
         mx.array(needle.context[k * chunk_len : (k + 1) * chunk_len][None]), mx.array(needle.prompt)
     )
-    layers = []
-    for old, new in zip(base.layers, one.layers):
-        if not old.capacity:  # an idle layer's tree is empty
-            layers.append(old)
-            continue
-        keys, values = mx.array(old.keys), mx.array(old.values)
-        keys[:, :, k * t : (k + 1) * t] = rotate_at(new.keys, model.chunk_rope, mx.array([k]))
-        values[:, :, k * t : (k + 1) * t] = new.values
-        layers.append(type(old).from_arrays(old.fmt, old.shape, keys, values))
-    return ContextTree(
-        layers, base.n_chunks, base.chunk_len, t, base.query_position, None, base.meta
-    )
+    pieces = [(base, j) for j in range(base.n_chunks)]
+    pieces[k] = (one, 0)
+    return arrange(model, pieces)
 
 
 def check_splice(model, haystack, ends, tokenizer, chunk_len) -> float:
@@ -210,7 +192,7 @@ def check_splice(model, haystack, ends, tokenizer, chunk_len) -> float:
 def run_sharedllm(model, tokenizer, haystack, needles: list[Needle]) -> list[bool]:
     chunk_len = model.config.chunk_len
     base = None
-    if reusable_chunks(model):
+    if movable_chunks(model):
         base = model.compress(mx.array(haystack), mx.array(needles[0].prompt))
     results = []
     for needle in needles:
@@ -298,21 +280,6 @@ def chunk_nll(model, tokens: np.ndarray, tree=None) -> np.ndarray:
     return np.array(nll)
 
 
-def prefix_tree(tree: ContextTree, k: int) -> ContextTree:
-    """The tree of the first k chunks, cut from a tree of more (reusable_chunks only)."""
-    t = tree.entries_per_chunk
-    layers = [
-        type(c).from_arrays(
-            c.fmt,
-            (*c.shape[:2], min(k * t, c.capacity), c.shape[3]),
-            c.keys[:, :, : k * t],
-            c.values[:, :, : k * t],
-        )
-        for c in tree.layers
-    ]
-    return ContextTree(layers, k, tree.chunk_len, t, k, None, tree.meta)
-
-
 def ppl_eval(model, held: np.ndarray, systems: list[str]) -> list[PplRow]:
     """Perplexity of chunks 1..n-1 of the held-out text (each chunk's first token left out,
     since the running window starts there)."""
@@ -320,13 +287,13 @@ def ppl_eval(model, held: np.ndarray, systems: list[str]) -> list[PplRow]:
     n = len(held) // chunk_len
     chunks = held[: n * chunk_len].reshape(n, chunk_len)
     whole = None
-    if "sharedllm" in systems and reusable_chunks(model):
+    if "sharedllm" in systems and movable_chunks(model):
         whole = model.compress(mx.array(chunks), mx.array(chunks[-1][:1]))
     nll = {system: [] for system in systems}
     for k in range(1, n):
         if "sharedllm" in nll:
-            if reusable_chunks(model):
-                tree = prefix_tree(whole, k)
+            if movable_chunks(model):
+                tree = arrange(model, [(whole, j) for j in range(k)])
             else:
                 tree = model.compress(mx.array(chunks[:k]), mx.array(chunks[k]))
             nll["sharedllm"].append(chunk_nll(model, chunks[k], tree))
@@ -436,7 +403,7 @@ def evaluate(a: argparse.Namespace) -> tuple[list[NeedleRow], list[PplRow]]:
     model, tokenizer = load(a.model or default_model())
     held = np.asarray(tokenizer.encode(botchan_split()[1], add_special_tokens=False), np.int32)
     print(f"held-out Botchan: {len(held):,} tokens; model {model.config.tree_dict()}", flush=True)
-    if reusable_chunks(model) and "sharedllm" in a.systems:
+    if movable_chunks(model) and "sharedllm" in a.systems:
         ends = sentence_ends(tokenizer, held)
         diff = check_splice(model, held, ends, tokenizer, model.config.chunk_len)
         print(f"spliced tree vs compressing again: max diff {diff:.2e}", flush=True)

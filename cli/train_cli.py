@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 
 from ..adapters import GROUPS
 from ..convert.stack import ConversionError, parse_heads
@@ -147,6 +148,27 @@ def _groups(value: str) -> tuple[str, ...]:
     "the training injection layers).",
 )
 @click.option(
+    "--distractors",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Text files whose chunks, compressed once, pad every training tree (with "
+    "--distractor-chunks), so that training sees trees as long as a book's.",
+)
+@click.option(
+    "--distractor-chunks",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Pad each tree to a number of chunks drawn log-uniformly up to this (0: off).",
+)
+@click.option(
+    "--log-scale-entries",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Sharpen the injection's attention by log(entries)/log(N) on trees of more than N "
+    "entries (0: off; default: the model's setting). The adapter keeps it.",
+)
+@click.option(
     "--split-noise",
     type=click.FloatRange(min=0),
     default=None,
@@ -192,8 +214,16 @@ def train_command(model, data, eval_data, task, out, resume, stop_after, groups,
         held_out = eval_data and make_source(
             eval_data, eval_kind, tokenizer, shared.config, options, config.seed
         )
+        distractors = _distractor_text(options["distractors"], tokenizer, options["encoding"])
         result = train(
-            shared, train_source, out, config, held_out or None, resume, stop_after=stop_after
+            shared,
+            train_source,
+            out,
+            config,
+            held_out or None,
+            resume,
+            stop_after=stop_after,
+            distractor_text=distractors,
         )
     except (InputError, ValueError, FileExistsError) as e:
         raise click.ClickException(str(e)) from None
@@ -211,7 +241,9 @@ def train_command(model, data, eval_data, task, out, resume, stop_after, groups,
 def _train_options(options: dict, groups: tuple[str, ...]) -> dict:
     names = ("steps", "grad_accum", "warmup", "min_lr", "weight_decay", "clip_norm", "seed")
     names += ("eval_every", "eval_examples", "save_every", "split_noise", "dtype")
-    names += ("attention_loss",)
+    names += ("attention_loss", "distractor_chunks", "log_scale_entries")
+    if bool(options["distractors"]) != bool(options["distractor_chunks"]):
+        raise click.BadParameter("--distractors and --distractor-chunks go together")
     picked = {name: options[name] for name in names}
     if options["attention_heads"] is not None:
         try:
@@ -225,6 +257,15 @@ def _train_options(options: dict, groups: tuple[str, ...]) -> dict:
         except ValueError:
             raise click.BadParameter(f"not a list of layers: {layers!r}") from None
     return {**picked, "learning_rate": options["lr"], "train": groups, "injection_layers": layers}
+
+
+def _distractor_text(files: tuple[Path, ...], tokenizer, encoding: str):
+    if not files:
+        return None
+    if tokenizer is None:
+        raise InputError("the model has no tokenizer, so it cannot read distractor text")
+    text = "".join(f.read_text(encoding=encoding) for f in files)
+    return np.asarray(tokenizer.encode(text, add_special_tokens=False), np.int32)
 
 
 def _load(ref: str | None):

@@ -74,6 +74,7 @@ def save_adapter(
         "base_fingerprint": base_fingerprint,
         "parameters": {name: list(w.shape) for name, w in sorted(weights.items())},
         "tree": model.config.tree_dict(),
+        "log_scale_entries": model.config.log_scale_entries,
         **(extra or {}),
     }
     (folder / ADAPTER_JSON).write_text(json.dumps(meta, indent=1) + "\n")
@@ -98,7 +99,8 @@ def load_adapter(
 ) -> dict[str, Any]:
     """Put an adapter's weights into `model`, refusing one trained from another model.
 
-    The model's config then says `injection = "trained"`. Returns the adapter's metadata.
+    The model's config then says `injection = "trained"` and takes the attention scale
+    the adapter was trained with (`log_scale_entries`). Returns the adapter's metadata.
     """
     meta, weights = read_adapter(path)
     ours = model.fingerprint()
@@ -118,6 +120,7 @@ def load_adapter(
     model.load_weights([(k, v.astype(params[k].dtype)) for k, v in weights.items()], strict=False)
     mx.eval(model.parameters())
     model.config.injection = "trained"
+    model.config.log_scale_entries = int(meta.get("log_scale_entries", 0))
     model.mark_idle_injections()
     return meta
 

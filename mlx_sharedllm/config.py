@@ -57,6 +57,9 @@ class SharedLLMConfig:
     layout: str = "paper"
     compress_batch: int = 8
     injection: str = "trained"
+    # Scale the injection's attention logits by log(entries) / log(this) on trees of more
+    # entries than this (0: off); see model.log_scale. Set by training, kept by adapters.
+    log_scale_entries: int = 0
     model_type: str = "sharedllm"
     quantization: dict[str, Any] | None = None
 
@@ -92,6 +95,10 @@ class SharedLLMConfig:
             )
         if self.tree_depth < 1:
             raise ValueError(f"tree_depth must be >= 1, got {self.tree_depth}")
+        if self.log_scale_entries < 0 or self.log_scale_entries == 1:
+            raise ValueError(
+                f"log_scale_entries must be 0 (off) or at least 2, got {self.log_scale_entries}"
+            )
         if self.compress_batch < 1:
             raise ValueError(f"compress_batch must be >= 1, got {self.compress_batch}")
         if head_dim(up) != head_dim(low):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,23 +78,28 @@ class Injection(nn.Module):
         self.rope = make_rope(args)
 
     def __call__(
-        self, x: mx.array, tree: TreeCache, position: int, tap: AttentionTap | None = None
+        self,
+        x: mx.array,
+        tree: TreeCache,
+        position: int,
+        tap: AttentionTap | None = None,
+        sharpen: float = 1.0,
     ) -> mx.array:
         b, length, _ = x.shape
         q = self.q_proj(self.layernorm(x)).reshape(b, length, self.n_heads, -1)
         q = rotate_at(q.transpose(0, 2, 1, 3), self.rope, position)
         if tap is not None:
-            tap.logprobs.append(self.log_attention(q[:, :, tap.rows], tree))
-        out = inject_attention(q, tree, self.scale)
+            tap.logprobs.append(self.log_attention(q[:, :, tap.rows], tree, sharpen))
+        out = inject_attention(q, tree, self.scale * sharpen)
         return x + self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
 
-    def log_attention(self, q: mx.array, tree: TreeCache) -> mx.array:
-        """log softmax(q K^T * scale) over the tree entries, (B, heads, L, entries)."""
+    def log_attention(self, q: mx.array, tree: TreeCache, sharpen: float = 1.0) -> mx.array:
+        """log softmax(q K^T * scale * sharpen) over the tree entries, (B, heads, L, entries)."""
         keys, _ = tree.dequantized()
         b, kv_heads, entries, _ = keys.shape
         _, heads, length, dim = q.shape
         q = q.reshape(b, kv_heads, heads // kv_heads, length, dim)
-        scores = (q @ keys[:, :, None].swapaxes(-1, -2)) * self.scale
+        scores = (q @ keys[:, :, None].swapaxes(-1, -2)) * (self.scale * sharpen)
         scores = scores.reshape(b, heads, length, entries).astype(mx.float32)
         return scores - mx.logsumexp(scores, axis=-1, keepdims=True)
 
@@ -107,7 +113,7 @@ class DecoderLayer(llama.TransformerBlock):
             self.cross_attn = Injection(args)
 
     def __call__(
-        self, x, mask=None, cache=None, tree_kv=None, position: int = 0, tap=None
+        self, x, mask=None, cache=None, tree_kv=None, position: int = 0, tap=None, sharpen=1.0
     ) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
         if tree_kv is not None and not self.cross_attn.idle:
@@ -116,16 +122,18 @@ class DecoderLayer(llama.TransformerBlock):
                     "the tree was compressed while this injection layer was idle (its "
                     "output projection was zero): compress the context again"
                 )
-            h = self.cross_attn(h, tree_kv, position, tap)
+            h = self.cross_attn(h, tree_kv, position, tap, sharpen)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class UpperModel(nn.Module):
-    def __init__(self, args: llama.ModelArgs, num_injection_layers: int):
+    def __init__(self, config: SharedLLMConfig):
         super().__init__()
+        args = config.upper
+        self.config = config
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [
-            DecoderLayer(args, inject=i < num_injection_layers)
+            DecoderLayer(args, inject=i < config.num_injection_layers)
             for i in range(args.num_hidden_layers)
         ]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
@@ -139,10 +147,24 @@ class UpperModel(nn.Module):
     ) -> mx.array:
         h = self.embed_tokens(inputs)
         mask = create_attention_mask(h, cache[0])
+        sharpen = log_scale(tree.num_entries, self.config.log_scale_entries) if tree else 1.0
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
             tree_kv = tree.layer(i) if tree is not None and i < len(tree.layers) else None
-            h = layer(h, mask, c, tree_kv, tree.query_position if tree else 0, tap)
+            h = layer(h, mask, c, tree_kv, tree.query_position if tree else 0, tap, sharpen)
         return self.norm(h)
+
+
+def log_scale(entries: int, base: int) -> float:
+    """How much the injection sharpens its attention over a tree of `entries` entries:
+    log(entries) / log(base) beyond `base` entries, else 1 (and always 1 when base is 0).
+
+    Softmax attention over n entries spreads as n grows; scaling the logits by log n
+    keeps it as peaked as over the `base` entries that training showed the injection
+    (the log-n attention scaling of length extrapolation; Chiang & Cholak 2022).
+    """
+    if base <= 0 or entries <= base:
+        return 1.0
+    return math.log(entries) / math.log(base)
 
 
 class SharedLLM(nn.Module):
@@ -152,7 +174,7 @@ class SharedLLM(nn.Module):
         super().__init__()
         self.config = config
         self.args = config.upper
-        self.model = UpperModel(config.upper, config.num_injection_layers)
+        self.model = UpperModel(config)
         if not config.stacked:
             self.encoder = llama.LlamaModel(config.lower)
         if not config.upper.tie_word_embeddings:
@@ -280,7 +302,9 @@ class SharedLLM(nn.Module):
         It hashes every parameter's name, shape, dtype and an evenly spaced sample of
         its values, so it is quick even for a large model.
         """
-        config = {k: v for k, v in self.config.to_dict().items() if k != "compress_batch"}
+        # Neither changes what the weights compute alone; an adapter carries the scale.
+        skip = ("compress_batch", "log_scale_entries")
+        config = {k: v for k, v in self.config.to_dict().items() if k not in skip}
         digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
         for name, value in sorted(tree_flatten(self.parameters())):
             flat = value.reshape(-1)

@@ -28,11 +28,15 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 from tqdm import tqdm
 
 from .adapters import ADAPTER_FILES, GROUPS, load_adapter, save_adapter, set_trainable
+from .distractors import Distractors
 from .model import AttentionTap, SharedLLM
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 SIGMA_LM, SIGMA_SFT = 0.2, 0.1  # split noise sigma / node length (SPEC section 3)
 CHECKPOINT, LOG = "checkpoint", "log.jsonl"
+# What a resumed run must share with its checkpoint: what learns, and what the loss is.
+RESUME_KEYS = ("train", "injection_layers", "attention_loss", "attention_heads")
+RESUME_KEYS += ("distractor_chunks", "log_scale_entries")
 PIECE_CHARS, READ_BYTES = 1 << 20, 1 << 16
 
 
@@ -57,6 +61,9 @@ class Example:
     # (k, 2): an input row and the context token that its next token copies (from a
     # record's "evidence"); the attention loss teaches the injection to look there.
     attend: np.ndarray | None = None
+    # True when the running text continues the context's last chunk (language
+    # modelling): distractor chunks then go before the context, never after it.
+    continues: bool = False
 
     @property
     def tokens(self) -> int:
@@ -173,6 +180,7 @@ class TextLM:
                     xd[:-1],
                     xd[1:],
                     np.ones(self.window, np.float32),
+                    continues=True,
                 )
                 buffer, count = buffer[self.window :], count + 1
         if count == 0:
@@ -424,6 +432,12 @@ class TrainConfig:
     # training injection layers) on the context token that each answer token copies.
     attention_loss: float = 0.0
     attention_heads: tuple[tuple[int, int], ...] | None = None
+    # Pad every training tree with chunks of distractor text, to a number of chunks drawn
+    # log-uniformly up to this (0: off); `train` gets the text (see distractors.py).
+    distractor_chunks: int = 0
+    # Train with the injection's attention sharpened beyond this many tree entries (see
+    # model.log_scale; the adapter keeps it). None: the model's setting.
+    log_scale_entries: int | None = None
 
     def __post_init__(self) -> None:
         self.train = tuple(self.train)
@@ -431,6 +445,18 @@ class TrainConfig:
             self.attention_heads = tuple((int(a), int(b)) for a, b in self.attention_heads)
         if self.attention_loss < 0:
             raise ValueError(f"attention_loss must be >= 0, got {self.attention_loss}")
+        if (
+            self.log_scale_entries is not None
+            and self.log_scale_entries < 2
+            and self.log_scale_entries != 0
+        ):
+            raise ValueError(
+                f"log_scale_entries must be 0 (off) or at least 2, got {self.log_scale_entries}"
+            )
+        if self.distractor_chunks < 0 or self.distractor_chunks == 1:
+            raise ValueError(
+                f"distractor_chunks must be 0 (off) or at least 2, got {self.distractor_chunks}"
+            )
         if self.injection_layers is not None:
             self.injection_layers = tuple(sorted({int(i) for i in self.injection_layers}))
             if not self.injection_layers or "injection" not in self.train:
@@ -583,6 +609,7 @@ class _Trainer:
         self.loss_and_grad = nn.value_and_grad(model, self._loss)
         self.tokens, self.eval_loss = 0, None
         self.heads = taught_heads(model, config) if config.attention_loss else None
+        self.distractors: Distractors | None = None
 
     def _loss(self, model, inputs, targets, mask, tree, attention):
         """(what the gradient is of, the answer loss, the attention loss)."""
@@ -595,7 +622,10 @@ class _Trainer:
         grads, total, targets, tokens, attn, rows = None, 0.0, 0.0, 0, 0.0, 0
         for example in itertools.islice(examples, self.config.grad_accum):
             tree = build_tree(self.model, example, self._sigma(example), self.rng)
-            target = self._attention_target(example, tree)
+            first = 0
+            if self.distractors is not None:
+                tree, first = self.distractors.pad(tree, self.rng, last=example.continues)
+            target = self._attention_target(example, tree, first * tree.chunk_len)
             (_, loss, part), g = self.loss_and_grad(self.model, *_arrays(example), tree, target)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(loss, part, grads)
@@ -609,7 +639,8 @@ class _Trainer:
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         return total / max(targets, 1.0), tokens, attn / rows if rows else None
 
-    def _attention_target(self, example: Example, tree) -> AttentionTarget | None:
+    def _attention_target(self, example: Example, tree, shift: int) -> AttentionTarget | None:
+        """The example's evidence as tree entries; its context starts at entry `shift`."""
         if self.heads is None or example.attend is None or not len(example.attend):
             return None
         if tree.entries_per_chunk != tree.chunk_len or self.model.config.layout != "paper":
@@ -617,8 +648,8 @@ class _Trainer:
                 "the attention loss needs a tree that keeps every context token in order "
                 "(last_p <= 0, the paper layout)"
             )
-        rows, entries = (mx.array(a) for a in example.attend.T)
-        return AttentionTarget(rows, entries, self.heads)
+        rows, entries = example.attend.T
+        return AttentionTarget(mx.array(rows), mx.array(entries + shift), self.heads)
 
     def _sigma(self, example: Example) -> float:
         """The split noise: the run's setting, else the example's source's."""
@@ -672,11 +703,13 @@ class _Trainer:
                 f"{folder} was trained from another base model "
                 f"(fingerprint {saved.base_fingerprint}, this one {self.state.base_fingerprint})"
             )
-        ours = {"train": self.config.train, "injection_layers": self.config.injection_layers}
-        for key, value in ours.items():
-            value = None if value is None else list(value)
-            if saved.config.get(key) != value:
-                raise ValueError(f"{folder} trained {key} {saved.config.get(key)}, not {value}")
+        for key in RESUME_KEYS:
+            value, default = (
+                json.loads(json.dumps(getattr(c, key))) for c in (self.config, TrainConfig())
+            )
+            trained = saved.config.get(key, default)  # a key older checkpoints lack
+            if trained != value:
+                raise ValueError(f"{folder} trained {key} {trained}, not {value}")
         load_adapter(self.model, folder, check_fingerprint=False)
         opt = mx.load(str(folder / "optimizer.safetensors"))
         self.optimizer.state = tree_map_with_path(lambda p, _: opt[p], self.optimizer.state)
@@ -723,6 +756,7 @@ def train(
     progress: bool = True,
     callback: Callable[[StepInfo], None] | None = None,
     stop_after: int | None = None,
+    distractor_text: np.ndarray | None = None,
 ) -> TrainResult:
     """Train the injection of `model` on `data`; write checkpoints and the adapter to `out`.
 
@@ -732,12 +766,17 @@ def train(
     stopped) and `log.jsonl`, the loss per step and the eval loss. Ctrl-C stops after the
     current step with a checkpoint saved. `callback(StepInfo)` is called after each step.
     `stop_after` ends the run at that step of the schedule, as Ctrl-C would (checkpoint
-    and adapter saved; `resume` continues it).
+    and adapter saved; `resume` continues it). `distractor_text` (token ids) is the text
+    of the distractor chunks when `config.distractor_chunks` is set.
     """
     config = config or TrainConfig()
+    if (distractor_text is None) != (config.distractor_chunks == 0):
+        raise ValueError("distractor chunks need distractor text, and distractor text a count")
     if model.config.quantization:
         raise ValueError("cannot train a quantized model: convert it without --quantize")
     base = model.fingerprint()
+    if config.log_scale_entries is not None:
+        model.config.log_scale_entries = config.log_scale_entries
     if config.dtype:
         model.set_dtype(DTYPES[config.dtype])
     set_trainable(model, config.train, config.injection_layers)
@@ -755,7 +794,17 @@ def train(
     if "injection" in config.train:  # a layer that learns is never skipped as idle
         every = range(model.config.num_injection_layers)
         model.mark_idle_injections(tuple(config.injection_layers or every))
+    if config.distractor_chunks:
+        trainer.distractors = _distractors(model, distractor_text, config, progress)
     return _run(trainer, progress, callback, stop_after or config.steps)
+
+
+def _distractors(model, tokens, config: TrainConfig, progress: bool) -> Distractors:
+    bank = config.distractor_chunks - 1
+    with tqdm(total=bank, unit="chunk", desc="distractors", disable=not progress) as bar:
+        return Distractors(
+            model, tokens, config.distractor_chunks, lambda done, _: bar.update(done - bar.n)
+        )
 
 
 def _run(trainer: _Trainer, progress: bool, callback, stop_after: int) -> TrainResult:

@@ -5,6 +5,7 @@ set -euo pipefail
 DATA=${DATA:-data/smollm2}
 RUN=${RUN:-recipes/smollm2/run}
 RUN2=${RUN2:-recipes/smollm2/run2}
+RUN3=${RUN3:-recipes/smollm2/run3}
 BASE=$(python -c 'from mlx_sharedllm.default import default_base_model; print(default_base_model())')
 BOOKS=(--data "$DATA"/lm/botchan-train.txt --data "$DATA"/lm/alice.txt
   --data "$DATA"/lm/sherlock-holmes.txt --data "$DATA"/lm/war-and-peace.txt)
@@ -29,4 +30,17 @@ mlx-sharedllm train --model "$DATA"/stage1-model --task mix --lm-weight 0.15 \
   --steps 100 --stop-after 80 --grad-accum 4 --lr 3e-4 --warmup 3 --min-lr 3e-5 \
   --save-every 5 --seed 0 \
   -o "$RUN2"
-python recipes/smollm2/install_adapter.py "$RUN2"
+mlx-sharedllm fuse "$RUN2" "$DATA"/stage2-model --model "$DATA"/stage1-model --force
+
+# Stage 3: the same data in long trees (distractor chunks up to 64K tokens) with the
+# attention sharpened by log(entries)/log(2048) beyond stage 2's 2,048 entries.
+mlx-sharedllm train --model "$DATA"/stage2-model --task mix --lm-weight 0.15 \
+  --data "$DATA"/varied/needles_train.jsonl "${BOOKS[@]}" \
+  --eval-data "$DATA"/varied/needles_val.jsonl --eval-every 10 --eval-examples 4 \
+  --injection-layers 17,18 --attention-loss 1.0 --context-chunks 1 --window 256 \
+  --distractors "$DATA"/lm/sherlock-holmes.txt --distractor-chunks 64 \
+  --log-scale-entries 2048 \
+  --steps 40 --stop-after 25 --grad-accum 4 --lr 2e-4 --warmup 2 --min-lr 2e-5 \
+  --save-every 5 --seed 2 \
+  -o "$RUN3"
+python recipes/smollm2/install_adapter.py "$RUN3"

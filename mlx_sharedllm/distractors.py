@@ -1,0 +1,104 @@
+"""Distractor chunks: plain text compressed once, to make training trees long.
+
+Training examples are short (compressing is the slow part of a step), but a question
+about a book is asked over tens of thousands of tree entries. Padding each example's
+tree with chunks of other text, compressed once up front, shows the injection a long
+tree at the cost of one compression: where a tree's chunks depend only on their own
+tokens, a chunk's entries are moved to another chunk position by rotating its keys.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from .kernels import chunk_major, rotate_at
+from .model import SharedLLM
+from .tree import ContextTree
+
+
+def movable_chunks(model: SharedLLM) -> bool:
+    """True when each chunk's tree entries depend only on that chunk's tokens and its
+    position (no query-aware split: depth 1 or the 'right' policy; the paper layout,
+    whose chunk position is the chunk's index), so chunks can be moved between trees."""
+    c = model.config
+    return (c.tree_depth == 1 or c.policy == "right") and c.layout == "paper"
+
+
+def arrange(model: SharedLLM, pieces: list[tuple[ContextTree, int]]) -> ContextTree:
+    """A tree whose chunk p is chunk j of tree t, for pieces[p] = (t, j): entries copied,
+    keys rotated from chunk position j to p. The query goes after the last chunk; there
+    is no remainder."""
+    first = pieces[0][0]
+    t = first.entries_per_chunk
+    shifts = mx.array([p - j for p, (_, j) in enumerate(pieces)])
+    layers = []
+    for i, layer in enumerate(first.layers):
+        if not layer.capacity:  # an idle layer's tree is empty
+            layers.append(layer)
+            continue
+        if layer.fmt.bits is not None:
+            raise ValueError("distractors need a float tree, not a quantized one")
+        keys = mx.stack([tree.layers[i].keys[0, :, j * t : (j + 1) * t] for tree, j in pieces])
+        values = mx.stack([tree.layers[i].values[0, :, j * t : (j + 1) * t] for tree, j in pieces])
+        keys = rotate_at(keys, model.chunk_rope, shifts)
+        shape = (1, layer.shape[1], len(pieces) * t, layer.shape[3])
+        layers.append(
+            type(layer).from_arrays(
+                layer.fmt, shape, chunk_major(keys)[None], chunk_major(values)[None]
+            )
+        )
+    n = len(pieces)
+    # Made of several contexts: the hashes of one would be wrong.
+    meta = {k: v for k, v in first.meta.items() if not k.endswith("_sha256")}
+    return ContextTree(layers, n, first.chunk_len, t, n, None, meta)
+
+
+class Distractors:
+    """Chunks of `tokens`, compressed once, that pad training trees to up to `max_chunks`
+    chunks: the example's chunks go in, in order, at a random place among distractor
+    chunks drawn at random (`last=True` keeps them last, next to the running text they
+    continue). The number of chunks is drawn log-uniformly between the example's and
+    `max_chunks`, so every scale of length is trained alike."""
+
+    def __init__(
+        self,
+        model: SharedLLM,
+        tokens: np.ndarray,
+        max_chunks: int,
+        progress: Callable[[int, int], None] | None = None,
+    ):
+        if not movable_chunks(model):
+            raise ValueError(
+                "distractors need trees whose chunks do not depend on the query or on each "
+                "other (tree_depth 1 or policy 'right', the paper layout)"
+            )
+        chunk_len = model.config.chunk_len
+        bank = max_chunks - 1
+        if max_chunks < 2:
+            raise ValueError(f"distractor chunks must be at least 2, got {max_chunks}")
+        if len(tokens) < bank * chunk_len:
+            raise ValueError(
+                f"{max_chunks} chunks need {bank * chunk_len:,} tokens of distractor text "
+                f"({bank} chunks of {chunk_len}), got {len(tokens):,}"
+            )
+        self.model, self.max_chunks = model, max_chunks
+        chunks = np.asarray(tokens[: bank * chunk_len]).reshape(bank, chunk_len)
+        self.bank = model.compress(mx.array(chunks), mx.array(chunks[0, :1]), progress)
+
+    def pad(
+        self, tree: ContextTree, rng: np.random.Generator, last: bool = False
+    ) -> tuple[ContextTree, int]:
+        """(the padded tree, the chunk position of the example's first chunk)."""
+        n = tree.n_chunks
+        if n >= self.max_chunks:
+            return tree, 0
+        total = round(math.exp(rng.uniform(math.log(n), math.log(self.max_chunks))))
+        picks = rng.choice(self.bank.n_chunks, total - n, replace=False)
+        first = total - n if last else int(rng.integers(0, total - n + 1))
+        pieces = [(self.bank, int(j)) for j in picks]
+        pieces[first:first] = [(tree, j) for j in range(n)]
+        return arrange(self.model, pieces), first
