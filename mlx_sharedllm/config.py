@@ -95,10 +95,7 @@ class SharedLLMConfig:
             )
         if self.tree_depth < 1:
             raise ValueError(f"tree_depth must be >= 1, got {self.tree_depth}")
-        if self.log_scale_entries < 0 or self.log_scale_entries == 1:
-            raise ValueError(
-                f"log_scale_entries must be 0 (off) or at least 2, got {self.log_scale_entries}"
-            )
+        check_log_scale(self.log_scale_entries)
         if self.compress_batch < 1:
             raise ValueError(f"compress_batch must be >= 1, got {self.compress_batch}")
         if head_dim(up) != head_dim(low):
@@ -139,6 +136,12 @@ def _args_dict(args: LlamaArgs) -> dict[str, Any]:
 
 def head_dim(args: LlamaArgs) -> int:
     return args.head_dim or args.hidden_size // args.num_attention_heads
+
+
+def check_log_scale(entries: int) -> None:
+    """`log_scale_entries` is 0 (off) or a number of entries, at least 2 (log(1) is 0)."""
+    if entries != 0 and entries < 2:
+        raise ValueError(f"log_scale_entries must be 0 (off) or at least 2, got {entries}")
 
 
 def check_chunk_len(chunk_len: int, depth: int) -> None:

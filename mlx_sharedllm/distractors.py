@@ -76,10 +76,9 @@ class Distractors:
                 "distractors need trees whose chunks do not depend on the query or on each "
                 "other (tree_depth 1 or policy 'right', the paper layout)"
             )
-        chunk_len = model.config.chunk_len
-        bank = max_chunks - 1
         if max_chunks < 2:
             raise ValueError(f"distractor chunks must be at least 2, got {max_chunks}")
+        chunk_len, bank = model.config.chunk_len, max_chunks - 1
         if len(tokens) < bank * chunk_len:
             raise ValueError(
                 f"{max_chunks} chunks need {bank * chunk_len:,} tokens of distractor text "

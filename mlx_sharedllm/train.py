@@ -28,6 +28,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 from tqdm import tqdm
 
 from .adapters import ADAPTER_FILES, GROUPS, load_adapter, save_adapter, set_trainable
+from .config import check_log_scale
 from .distractors import Distractors
 from .model import AttentionTap, SharedLLM
 
@@ -445,14 +446,8 @@ class TrainConfig:
             self.attention_heads = tuple((int(a), int(b)) for a, b in self.attention_heads)
         if self.attention_loss < 0:
             raise ValueError(f"attention_loss must be >= 0, got {self.attention_loss}")
-        if (
-            self.log_scale_entries is not None
-            and self.log_scale_entries < 2
-            and self.log_scale_entries != 0
-        ):
-            raise ValueError(
-                f"log_scale_entries must be 0 (off) or at least 2, got {self.log_scale_entries}"
-            )
+        if self.log_scale_entries is not None:
+            check_log_scale(self.log_scale_entries)
         if self.distractor_chunks < 0 or self.distractor_chunks == 1:
             raise ValueError(
                 f"distractor_chunks must be 0 (off) or at least 2, got {self.distractor_chunks}"
@@ -703,9 +698,10 @@ class _Trainer:
                 f"{folder} was trained from another base model "
                 f"(fingerprint {saved.base_fingerprint}, this one {self.state.base_fingerprint})"
             )
+        defaults = TrainConfig()
         for key in RESUME_KEYS:
             value, default = (
-                json.loads(json.dumps(getattr(c, key))) for c in (self.config, TrainConfig())
+                json.loads(json.dumps(getattr(c, key))) for c in (self.config, defaults)
             )
             trained = saved.config.get(key, default)  # a key older checkpoints lack
             if trained != value:
