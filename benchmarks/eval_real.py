@@ -43,6 +43,7 @@ from sources import botchan_split  # noqa: E402
 from mlx_sharedllm.distractors import arrange, movable_chunks  # noqa: E402
 from mlx_sharedllm.generate import WithTree, encode_prompt  # noqa: E402
 from mlx_sharedllm.loading import load  # noqa: E402
+from mlx_sharedllm.selection import select_chunks  # noqa: E402
 from mlx_sharedllm.tree import ContextTree  # noqa: E402
 
 # Never used in training: template, keys and (odd digit sum) values.
@@ -200,6 +201,7 @@ def run_sharedllm(model, tokenizer, haystack, needles: list[Needle]) -> list[boo
             tree = spliced(model, base, needle, chunk_len)
         else:
             tree = model.compress(mx.array(needle.context), mx.array(needle.prompt))
+        tree = select_chunks(model, tree, needle.prompt, model.config.select_chunks)
         text = answer(model, tokenizer, tree, needle.prompt, model.make_cache())
         results.append(is_correct(text, needle.answer))
     return results
@@ -402,7 +404,12 @@ def evaluate(a: argparse.Namespace) -> tuple[list[NeedleRow], list[PplRow]]:
 
     model, tokenizer = load(a.model or default_model())
     held = np.asarray(tokenizer.encode(botchan_split()[1], add_special_tokens=False), np.int32)
-    print(f"held-out Botchan: {len(held):,} tokens; model {model.config.tree_dict()}", flush=True)
+    c = model.config
+    print(
+        f"held-out Botchan: {len(held):,} tokens; model {c.tree_dict()}, log_scale_entries "
+        f"{c.log_scale_entries}, select_chunks {c.select_chunks}",
+        flush=True,
+    )
     if movable_chunks(model) and "sharedllm" in a.systems:
         ends = sentence_ends(tokenizer, held)
         diff = check_splice(model, held, ends, tokenizer, model.config.chunk_len)

@@ -89,7 +89,7 @@ class _CompressBar:
 
 def stats_line(r) -> str:
     return (
-        f"context {r.context_tokens:,} tokens | {r.chunks:,} chunks | "
+        f"context {r.context_tokens:,} tokens | {r.chunks:,} chunks ({r.chunks_read:,} read) | "
         f"{r.tree_entries:,} tree entries | compress {r.compress_tps:,.0f} tok/s | "
         f"prompt {r.prompt_tokens:,} tokens, {r.prompt_tps:,.0f} tok/s | "
         f"generation {r.generation_tokens:,} tokens, {r.generation_tps:,.1f} tok/s | "

@@ -185,6 +185,13 @@ def demo_book_command() -> None:
     "--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True
 )
 @click.option(
+    "--select-chunks",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Answer from only this many chunks, those the injection heads attend to most "
+    "(0: every chunk; default: the model's setting).",
+)
+@click.option(
     "--adapter",
     type=click.Path(path_type=Path),
     default=None,

@@ -75,6 +75,7 @@ def save_adapter(
         "parameters": {name: list(w.shape) for name, w in sorted(weights.items())},
         "tree": model.config.tree_dict(),
         "log_scale_entries": model.config.log_scale_entries,
+        "select_chunks": model.config.select_chunks,
         **(extra or {}),
     }
     (folder / ADAPTER_JSON).write_text(json.dumps(meta, indent=1) + "\n")
@@ -100,7 +101,8 @@ def load_adapter(
     """Put an adapter's weights into `model`, refusing one trained from another model.
 
     The model's config then says `injection = "trained"` and takes the attention scale
-    the adapter was trained with (`log_scale_entries`). Returns the adapter's metadata.
+    and chunk selection the adapter records (`log_scale_entries`, `select_chunks`).
+    Returns the adapter's metadata.
     """
     meta, weights = read_adapter(path)
     ours = model.fingerprint()
@@ -121,6 +123,7 @@ def load_adapter(
     mx.eval(model.parameters())
     model.config.injection = "trained"
     model.config.log_scale_entries = int(meta.get("log_scale_entries", 0))
+    model.config.select_chunks = int(meta.get("select_chunks", 0))
     model.mark_idle_injections()
     return meta
 

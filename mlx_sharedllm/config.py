@@ -60,6 +60,9 @@ class SharedLLMConfig:
     # Scale the injection's attention logits by log(entries) / log(this) on trees of more
     # entries than this (0: off); see model.log_scale. Set by training, kept by adapters.
     log_scale_entries: int = 0
+    # A question reads only this many chunks, those its injection heads attend to most
+    # (0: every chunk); see selection.py. Kept by adapters.
+    select_chunks: int = 0
     model_type: str = "sharedllm"
     quantization: dict[str, Any] | None = None
 
@@ -96,6 +99,7 @@ class SharedLLMConfig:
         if self.tree_depth < 1:
             raise ValueError(f"tree_depth must be >= 1, got {self.tree_depth}")
         check_log_scale(self.log_scale_entries)
+        check_select_chunks(self.select_chunks)
         if self.compress_batch < 1:
             raise ValueError(f"compress_batch must be >= 1, got {self.compress_batch}")
         if head_dim(up) != head_dim(low):
@@ -142,6 +146,12 @@ def check_log_scale(entries: int) -> None:
     """`log_scale_entries` is 0 (off) or a number of entries, at least 2 (log(1) is 0)."""
     if entries != 0 and entries < 2:
         raise ValueError(f"log_scale_entries must be 0 (off) or at least 2, got {entries}")
+
+
+def check_select_chunks(chunks: int) -> None:
+    """`select_chunks` is 0 (read every chunk) or how many chunks a question reads."""
+    if chunks < 0:
+        raise ValueError(f"select_chunks must be 0 (every chunk) or more, got {chunks}")
 
 
 def check_chunk_len(chunk_len: int, depth: int) -> None:

@@ -9,6 +9,7 @@ it was trained).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -55,6 +56,15 @@ def default_base_model(progress: bool = True) -> Path:
             progress=progress,
         )
     return out
+
+
+def adapter_tag(weights: bytes, meta: dict) -> str:
+    """An adapter's version tag: a hash of its weights and of the inference settings it
+    records, so that changing either names a new cached default model."""
+    digest = hashlib.sha256(weights)
+    settings = {k: meta.get(k, 0) for k in ("log_scale_entries", "select_chunks")}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return "adapter-" + digest.hexdigest()[:8]
 
 
 def adapter_version() -> str | None:

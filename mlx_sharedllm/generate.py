@@ -22,6 +22,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cache import TreeFormat
 from .model import SharedLLM
+from .selection import select_chunks as select_tree_chunks
 from .tree import ContextTree
 
 # progress(stage, done, total): stage "tokenize" counts characters, "compress" chunks.
@@ -36,6 +37,7 @@ class GenerationResponse(MlxLmResponse):
     context_tokens: int = 0
     chunks: int = 0
     tree_entries: int = 0
+    chunks_read: int = 0
     compress_tps: float = 0.0
 
 
@@ -174,12 +176,15 @@ def stream_generate(
     tree_group_size: int = 64,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
+    select_chunks: int | None = None,
 ) -> Iterator[GenerationResponse]:
     """Answer `prompt` about `context` (a string, token ids, or a compressed ContextTree),
     yielding a response per generated token with the text so far and the stats.
 
     `tree_bits` (4 or 8) stores a newly compressed tree quantized, with `tree_group_size`;
     `kv_bits` quantizes the upper model's own KV cache (mlx-lm's QuantizedKVCache).
+    `select_chunks` (default: the model's `config.select_chunks`, 0 for all) answers
+    from only that many chunks, those the injection heads attend to most (selection.py).
     """
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
@@ -196,10 +201,15 @@ def stream_generate(
             f"head_dim {head_dim} is not a multiple of --kv-group-size {kv_group_size}"
         )
     prepared = prepare_context(model, tokenizer, context, prompt_ids, progress, tree_format)
+    keep = model.config.select_chunks if select_chunks is None else select_chunks
+    tree = prepared.tree
+    if tree is not None:
+        tree = select_tree_chunks(model, tree, prepared.running, keep)
+    stats = {**prepared.stats, "chunks_read": tree.n_chunks if tree is not None else 0}
     if seed is not None:
         mx.random.seed(seed)
     responses = mlx_lm_stream_generate(
-        WithTree(model, prepared.tree),
+        WithTree(model, tree),
         tokenizer,
         mx.array(prepared.running),
         max_tokens=max_tokens,
@@ -211,7 +221,7 @@ def stream_generate(
         quantized_kv_start=0,
     )
     for response in responses:
-        yield GenerationResponse(**vars(response), **prepared.stats)
+        yield GenerationResponse(**vars(response), **stats)
 
 
 def generate(

@@ -302,8 +302,9 @@ class SharedLLM(nn.Module):
         It hashes every parameter's name, shape, dtype and an evenly spaced sample of
         its values, so it is quick even for a large model.
         """
-        # Neither changes what the weights compute alone; an adapter carries the scale.
-        skip = ("compress_batch", "log_scale_entries")
+        # None changes what the weights compute alone; an adapter carries the scale and
+        # the selection.
+        skip = ("compress_batch", "log_scale_entries", "select_chunks")
         config = {k: v for k, v in self.config.to_dict().items() if k not in skip}
         digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
         for name, value in sorted(tree_flatten(self.parameters())):

@@ -1,12 +1,18 @@
 """The adapter that ships for the default model: complete, tagged, and made for its tree."""
 
-import hashlib
 import json
 
 import mlx.core as mx
 
 from mlx_sharedllm.adapters import ADAPTER_JSON, ADAPTER_WEIGHTS
-from mlx_sharedllm.default import ADAPTER, DEFAULT_HEADS, DEFAULT_M, DEFAULT_TREE, adapter_version
+from mlx_sharedllm.default import (
+    ADAPTER,
+    DEFAULT_HEADS,
+    DEFAULT_M,
+    DEFAULT_TREE,
+    adapter_tag,
+    adapter_version,
+)
 
 HIDDEN = 576  # SmolLM2-135M
 
@@ -36,7 +42,7 @@ def test_shipped_adapter_covers_the_retrieval_heads_layers():
 
 def test_shipped_adapter_is_tagged_and_matches_the_default_tree():
     meta = json.loads((ADAPTER / ADAPTER_JSON).read_text())
-    digest = hashlib.sha256((ADAPTER / ADAPTER_WEIGHTS).read_bytes()).hexdigest()
-    assert adapter_version() == meta["version"] == f"adapter-{digest[:8]}"
+    tag = adapter_tag((ADAPTER / ADAPTER_WEIGHTS).read_bytes(), meta)
+    assert adapter_version() == meta["version"] == tag
     tree = {k: meta["tree"][k] for k in DEFAULT_TREE}
     assert tree == DEFAULT_TREE and meta["tree"]["num_injection_layers"] == DEFAULT_M

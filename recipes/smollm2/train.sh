@@ -40,7 +40,7 @@ mlx-sharedllm train --model "$DATA"/stage2-model --task mix --lm-weight 0.15 \
   --injection-layers 17,18 --attention-loss 1.0 --context-chunks 1 --window 256 \
   --distractors "$DATA"/lm/sherlock-holmes.txt --distractor-chunks 64 \
   --log-scale-entries 2048 \
-  --steps 40 --stop-after 25 --grad-accum 4 --lr 2e-4 --warmup 2 --min-lr 2e-5 \
+  --steps 40 --grad-accum 4 --lr 2e-4 --warmup 2 --min-lr 2e-5 \
   --save-every 5 --seed 2 \
   -o "$RUN3"
 python recipes/smollm2/install_adapter.py "$RUN3"

@@ -1,0 +1,74 @@
+"""Chunk selection: a question reads the chunks its injection heads point at.
+
+A softmax over every entry of a long tree spreads thin: at 64 chunks of 1024 entries the
+answer's evidence gets a small share of each head's attention even when the head finds
+it. Selection asks the injection heads once, at the last token before the answer, which
+chunks they attend to, and answers from the `keep` chunks that some head attends to
+most. The kept chunks stay where they were (their keys are already rotated to their
+chunk position), so any tree layout and storage format can be selected from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .cache import TreeCache
+from .config import check_select_chunks
+from .model import AttentionTap, SharedLLM
+from .tree import ContextTree
+
+
+def chunk_scores(model: SharedLLM, tree: ContextTree, running: np.ndarray) -> np.ndarray | None:
+    """Per chunk, the largest share of attention that any injection head gives the
+    chunk's entries at the running text's last token; None when no injection runs."""
+    tap = AttentionTap(mx.array([len(running) - 1]))
+    model.model(mx.array(np.asarray(running)[None]), tree, [None] * len(model.layers), tap)
+    if not tap.logprobs:
+        return None
+    n, t = tree.n_chunks, tree.entries_per_chunk
+    shares = [mx.exp(lp[0, :, 0]).reshape(-1, n, t).sum(-1) for lp in tap.logprobs]
+    return np.array(mx.concatenate(shares).max(0))
+
+
+def keep_chunks(tree: ContextTree, chunks: Sequence[int]) -> ContextTree:
+    """The tree with only `chunks` (in the given order), each at its own chunk position;
+    the query position and the remainder are kept."""
+    chunks = np.asarray(chunks, np.int64)
+    if chunks.size == 0 or chunks.min() < 0 or chunks.max() >= tree.n_chunks:
+        raise ValueError(f"chunks to keep must be in 0..{tree.n_chunks - 1}, got {chunks}")
+    t = tree.entries_per_chunk
+    index = mx.array((chunks[:, None] * t + np.arange(t)).reshape(-1).astype(np.int32))
+    layers = [_take(layer, index) if layer.capacity else layer for layer in tree.layers]
+    # A subset of the context: its hashes would describe the whole.
+    meta = {k: v for k, v in tree.meta.items() if not k.endswith("_sha256")}
+    meta["selected_chunks"] = chunks.tolist()
+    return dataclasses.replace(tree, layers=layers, n_chunks=len(chunks), meta=meta)
+
+
+def select_chunks(
+    model: SharedLLM, tree: ContextTree, running: np.ndarray, keep: int
+) -> ContextTree:
+    """The `keep` chunks of `tree` that the injection heads attend to most at the last
+    token of `running` (the text the model reads before answering), in context order.
+    The tree itself when it has no more than `keep` chunks or `keep` is 0."""
+    check_select_chunks(keep)
+    if keep == 0 or tree.n_chunks <= keep or len(running) == 0:
+        return tree
+    scores = chunk_scores(model, tree, running)
+    if scores is None:
+        return tree
+    return keep_chunks(tree, np.sort(np.argsort(-scores, kind="stable")[:keep]))
+
+
+def _take(layer: TreeCache, index: mx.array) -> TreeCache:
+    def take(stored):
+        if isinstance(stored, tuple):
+            return tuple(a[:, :, index] for a in stored)
+        return stored[:, :, index]
+
+    shape = (*layer.shape[:2], index.size, layer.shape[3])
+    return TreeCache.from_arrays(layer.fmt, shape, take(layer.keys), take(layer.values))
