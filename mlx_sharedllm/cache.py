@@ -105,6 +105,13 @@ class TreeCache:
         self.keys = _scatter(self.keys, index, keys)
         self.values = _scatter(self.values, index, values)
 
+    def take(self, index: mx.array) -> TreeCache:
+        """A cache of only the entries `index` (in that order), in this format."""
+        shape = (*self.shape[:2], index.size, self.shape[3])
+        return TreeCache.from_arrays(
+            self.fmt, shape, _entries(self.keys, index), _entries(self.values, index)
+        )
+
     def dequantized(self) -> tuple[mx.array, mx.array]:
         """Float (1, kv_heads, capacity, head_dim) keys and values."""
         return self._float(self.keys), self._float(self.values)
@@ -129,10 +136,11 @@ def _scatter(stored, index: mx.array, parts: list[mx.array]):
     return buffers if isinstance(stored, tuple) else buffers[0]
 
 
-def _blocks(stored, start: int, end: int):
+def _entries(stored, index):
+    """Entries `index` (a slice or an index array) of stored keys or values, any format."""
     if isinstance(stored, tuple):
-        return tuple(a[..., start:end, :] for a in stored)
-    return stored[..., start:end, :]
+        return tuple(a[..., index, :] for a in stored)
+    return stored[..., index, :]
 
 
 def _scores(q: mx.array, keys, fmt: TreeFormat) -> mx.array:
@@ -173,11 +181,11 @@ def tree_attention(
     top = denom = out = None
     for start in range(0, total, block):
         end = min(start + block, total)
-        s = _scores(q, _blocks(keys, start, end), cache.fmt).astype(mx.float32)
+        s = _scores(q, _entries(keys, slice(start, end)), cache.fmt).astype(mx.float32)
         block_top = s.max(axis=-1, keepdims=True)
         new_top = block_top if top is None else mx.maximum(top, block_top)
         p = mx.exp(s - new_top)
-        part = _weighted(p.astype(queries.dtype), _blocks(values, start, end), cache.fmt)
+        part = _weighted(p.astype(queries.dtype), _entries(values, slice(start, end)), cache.fmt)
         if top is None:
             denom, out = p.sum(axis=-1, keepdims=True), part.astype(mx.float32)
         else:

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 import mlx.core as mx
 import numpy as np
 
-from .cache import TreeCache
 from .config import check_select_chunks
 from .model import AttentionTap, SharedLLM
 from .tree import ContextTree
@@ -42,7 +41,7 @@ def keep_chunks(tree: ContextTree, chunks: Sequence[int]) -> ContextTree:
         raise ValueError(f"chunks to keep must be in 0..{tree.n_chunks - 1}, got {chunks}")
     t = tree.entries_per_chunk
     index = mx.array((chunks[:, None] * t + np.arange(t)).reshape(-1).astype(np.int32))
-    layers = [_take(layer, index) if layer.capacity else layer for layer in tree.layers]
+    layers = [layer.take(index) if layer.capacity else layer for layer in tree.layers]
     # A subset of the context: its hashes would describe the whole.
     meta = {k: v for k, v in tree.meta.items() if not k.endswith("_sha256")}
     meta["selected_chunks"] = chunks.tolist()
@@ -62,13 +61,3 @@ def select_chunks(
     if scores is None:
         return tree
     return keep_chunks(tree, np.sort(np.argsort(-scores, kind="stable")[:keep]))
-
-
-def _take(layer: TreeCache, index: mx.array) -> TreeCache:
-    def take(stored):
-        if isinstance(stored, tuple):
-            return tuple(a[:, :, index] for a in stored)
-        return stored[:, :, index]
-
-    shape = (*layer.shape[:2], index.size, layer.shape[3])
-    return TreeCache.from_arrays(layer.fmt, shape, take(layer.keys), take(layer.values))

@@ -36,8 +36,14 @@ DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 SIGMA_LM, SIGMA_SFT = 0.2, 0.1  # split noise sigma / node length (SPEC section 3)
 CHECKPOINT, LOG = "checkpoint", "log.jsonl"
 # What a resumed run must share with its checkpoint: what learns, and what the loss is.
-RESUME_KEYS = ("train", "injection_layers", "attention_loss", "attention_heads")
-RESUME_KEYS += ("distractor_chunks", "log_scale_entries")
+RESUME_KEYS = (
+    "train",
+    "injection_layers",
+    "attention_loss",
+    "attention_heads",
+    "distractor_chunks",
+    "log_scale_entries",
+)
 PIECE_CHARS, READ_BYTES = 1 << 20, 1 << 16
 
 
