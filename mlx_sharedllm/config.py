@@ -12,6 +12,8 @@ POLICIES = ("query", "right")
 # How the injection weights came to be: trained, or initialised by stacking from one.
 INJECTIONS = ("trained", "zero", "copy")
 LAYOUTS = ("paper", "reference")
+# Re-reading reads passages of this many tokens (reread.py).
+PASSAGE_TOKENS = 128
 
 
 def parse_last_p(value: int | float | str) -> int | float:
@@ -63,6 +65,9 @@ class SharedLLMConfig:
     # A question reads only this many chunks, those its injection heads attend to most
     # (0: every chunk); see selection.py. Kept by adapters.
     select_chunks: int = 0
+    # Re-read in full, in the running text, up to this many tokens of the passages that
+    # the question points at (0: off); see reread.py. Kept by adapters.
+    reread_tokens: int = 0
     model_type: str = "sharedllm"
     quantization: dict[str, Any] | None = None
 
@@ -100,6 +105,7 @@ class SharedLLMConfig:
             raise ValueError(f"tree_depth must be >= 1, got {self.tree_depth}")
         check_log_scale(self.log_scale_entries)
         check_select_chunks(self.select_chunks)
+        check_reread_tokens(self.reread_tokens)
         if self.compress_batch < 1:
             raise ValueError(f"compress_batch must be >= 1, got {self.compress_batch}")
         if head_dim(up) != head_dim(low):
@@ -152,6 +158,17 @@ def check_select_chunks(chunks: int) -> None:
     """`select_chunks` is 0 (read every chunk) or how many chunks a question reads."""
     if chunks < 0:
         raise ValueError(f"select_chunks must be 0 (every chunk) or more, got {chunks}")
+
+
+def check_reread_tokens(tokens: int) -> None:
+    """`reread_tokens` is 0 (off) or a budget of at least one passage."""
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        raise ValueError(f"reread_tokens must be 0 (off) or a number of tokens, got {tokens!r}")
+    if 0 < tokens < PASSAGE_TOKENS:
+        raise ValueError(
+            f"reread_tokens must be 0 (off) or at least one passage ({PASSAGE_TOKENS}), "
+            f"got {tokens}"
+        )
 
 
 def check_chunk_len(chunk_len: int, depth: int) -> None:

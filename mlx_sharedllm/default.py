@@ -62,7 +62,7 @@ def adapter_tag(weights: bytes, meta: dict) -> str:
     """An adapter's version tag: a hash of its weights and of the inference settings it
     records, so that changing either names a new cached default model."""
     digest = hashlib.sha256(weights)
-    settings = {k: meta.get(k, 0) for k in ("log_scale_entries", "select_chunks")}
+    settings = {k: meta.get(k, 0) for k in ("log_scale_entries", "select_chunks", "reread_tokens")}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return "adapter-" + digest.hexdigest()[:8]
 

@@ -54,7 +54,10 @@ def arrange(model: SharedLLM, pieces: list[tuple[ContextTree, int]]) -> ContextT
     n = len(pieces)
     # Made of several contexts: the hashes of one would be wrong.
     meta = {k: v for k, v in first.meta.items() if not k.endswith("_sha256")}
-    return ContextTree(layers, n, first.chunk_len, t, n, None, meta)
+    tokens = None
+    if all(tree.tokens is not None for tree, _ in pieces):
+        tokens = mx.stack([tree.tokens[j] for tree, j in pieces])
+    return ContextTree(layers, n, first.chunk_len, t, n, None, meta, tokens)
 
 
 class Distractors:

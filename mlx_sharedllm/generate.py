@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -22,12 +23,18 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cache import TreeFormat
 from .model import SharedLLM
+from .reread import Passage, choose, token_terms
 from .selection import select_chunks as select_tree_chunks
 from .tree import ContextTree
 
 # progress(stage, done, total): stage "tokenize" counts characters, "compress" chunks.
 Progress = Callable[[str, int, int], None]
 PIECE_CHARS = 1 << 20
+# Between re-read passages that do not touch in the document.
+REREAD_SEPARATOR = "\n[...]\n"
+# The user's message when passages are re-read (on the dev split this framing beat the
+# passages and the question alone: benchmarks/results/suite_dev_variants.log).
+REREAD_MESSAGE = "Read the text and answer the question.\n\nText:\n{passages}\n\nQuestion: {prompt}"
 
 
 @dataclass
@@ -39,6 +46,8 @@ class GenerationResponse(MlxLmResponse):
     tree_entries: int = 0
     chunks_read: int = 0
     compress_tps: float = 0.0
+    reread_tokens: int = 0
+    passages: tuple = ()
 
 
 @dataclass
@@ -177,6 +186,7 @@ def stream_generate(
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     select_chunks: int | None = None,
+    reread_tokens: int | None = None,
 ) -> Iterator[GenerationResponse]:
     """Answer `prompt` about `context` (a string, token ids, or a compressed ContextTree),
     yielding a response per generated token with the text so far and the stats.
@@ -185,6 +195,9 @@ def stream_generate(
     `kv_bits` quantizes the upper model's own KV cache (mlx-lm's QuantizedKVCache).
     `select_chunks` (default: the model's `config.select_chunks`, 0 for all) answers
     from only that many chunks, those the injection heads attend to most (selection.py).
+    `reread_tokens` (default: the model's `config.reread_tokens`, 0 for off) puts up to
+    that many tokens of the passages the question points at back in the running text, to
+    be read in full (reread.py); the response's `passages` say which.
     """
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
@@ -202,16 +215,33 @@ def stream_generate(
         )
     prepared = prepare_context(model, tokenizer, context, prompt_ids, progress, tree_format)
     keep = model.config.select_chunks if select_chunks is None else select_chunks
-    tree = prepared.tree
+    tree, running = prepared.tree, prepared.running
     if tree is not None:
-        tree = select_tree_chunks(model, tree, prepared.running, keep)
+        tree = select_tree_chunks(model, tree, running, keep)
     stats = {**prepared.stats, "chunks_read": tree.n_chunks if tree is not None else 0}
+    budget = model.config.reread_tokens if reread_tokens is None else reread_tokens
+    if tree is not None and budget and tree.tokens is None:
+        warnings.warn(
+            "this saved tree does not keep its tokens (an older version saved it): "
+            "it is read without re-reading; compress the context again to re-read it",
+            stacklevel=2,
+        )
+    elif tree is not None and budget:
+        room = (window or len(prompt_ids) + budget + max_tokens) - len(prompt_ids) - max_tokens
+        passages, running = reread_passages(
+            model, tokenizer, tree, prepared.running, prompt, min(budget, room), chat_template
+        )
+        stats["reread_tokens"] = sum(p.end - p.start for p in passages)
+        stats["passages"] = tuple(passages)
+        # The passages, read in full, are the answer's source; the tree would add its
+        # coarse reading of the same text on top (measured: fewer right answers).
+        tree = None
     if seed is not None:
         mx.random.seed(seed)
     responses = mlx_lm_stream_generate(
         WithTree(model, tree),
         tokenizer,
-        mx.array(prepared.running),
+        mx.array(running),
         max_tokens=max_tokens,
         sampler=make_sampler(temp, top_p, min_p, top_k=top_k),
         logits_processors=make_logits_processors(repetition_penalty=repetition_penalty),
@@ -222,6 +252,41 @@ def stream_generate(
     )
     for response in responses:
         yield GenerationResponse(**vars(response), **stats)
+
+
+def reread_passages(
+    model: SharedLLM,
+    tokenizer: TokenizerWrapper,
+    tree: ContextTree,
+    running: np.ndarray,
+    prompt: str | Iterable[int],
+    budget: int,
+    chat_template: bool | None = None,
+) -> tuple[list[Passage], np.ndarray]:
+    """The passages of the context (the tree's tokens, then the remainder) that the
+    question points at, and the running text that reads them: in the user's message ahead
+    of the question (a prompt given as token ids gets them ahead of it, untemplated).
+
+    `running` is the remainder and the encoded prompt, as `prepare_context` built it.
+    """
+    remainder = np.asarray(
+        running[: len(running) - len(encode_prompt(tokenizer, prompt, chat_template))]
+    )
+    question = (
+        np.asarray(tokenizer.encode(prompt, add_special_tokens=False), np.int32)
+        if isinstance(prompt, str)
+        else np.asarray(list(prompt), np.int32)
+    )
+    passages = choose(model, tree, running, budget, question, token_terms(tokenizer), remainder)
+    context = np.concatenate([np.array(tree.tokens).reshape(-1), remainder]).astype(np.int32)
+    pieces = [context[p.start : p.end] for p in passages]
+    if not isinstance(prompt, str):
+        sep = np.asarray(tokenizer.encode(REREAD_SEPARATOR, add_special_tokens=False), np.int32)
+        parts = [x for piece in pieces for x in (piece, sep)]
+        return passages, np.concatenate([*parts, question]).astype(np.int32)
+    text = REREAD_SEPARATOR.join(tokenizer.decode(piece.tolist()).strip() for piece in pieces)
+    message = REREAD_MESSAGE.format(passages=text, prompt=prompt)
+    return passages, encode_prompt(tokenizer, message, chat_template)
 
 
 def generate(

@@ -289,6 +289,7 @@ class SharedLLM(nn.Module):
                 "context_sha256": _token_hash(chunks),
                 "query_sha256": _token_hash(mx.array(query)),
             },
+            tokens=chunks.astype(mx.int32),
         )
 
     @property
@@ -304,7 +305,7 @@ class SharedLLM(nn.Module):
         """
         # None changes what the weights compute alone; an adapter carries the scale and
         # the selection.
-        skip = ("compress_batch", "log_scale_entries", "select_chunks")
+        skip = ("compress_batch", "log_scale_entries", "select_chunks", "reread_tokens")
         config = {k: v for k, v in self.config.to_dict().items() if k not in skip}
         digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
         for name, value in sorted(tree_flatten(self.parameters())):

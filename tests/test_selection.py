@@ -122,7 +122,7 @@ def test_cli_select_chunks(spm_model, book):  # noqa: F811
     args = ["--model", str(spm_model), "--file", str(book), "--prompt", "Who?"]
     result = invoke(*args, "--max-tokens", "3", "--select-chunks", "2")
     assert result.exit_code == 0, result.output
-    assert "(2 read)" in result.stderr.strip().splitlines()[-1]
+    assert "(2 read, 0 tokens re-read)" in result.stderr.strip().splitlines()[-1]
     bad = invoke(*args, "--select-chunks", "-1")
     assert bad.exit_code != 0 and "-1" in bad.output
 

@@ -1,0 +1,208 @@
+"""Re-reading: candidate passages, the two rankings and their fusion, the budget, the tree's
+tokens, and generate's running text."""
+
+import dataclasses
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_generate import book, loaded, spm_model  # noqa: F401  (fixtures)
+from test_long_trees import movable_model
+
+from mlx_sharedllm.adapters import load_adapter, save_adapter
+from mlx_sharedllm.config import PASSAGE_TOKENS, SharedLLMConfig
+from mlx_sharedllm.distractors import arrange
+from mlx_sharedllm.generate import (
+    REREAD_MESSAGE,
+    REREAD_SEPARATOR,
+    encode_prompt,
+    generate,
+    reread_passages,
+    stream_generate,
+)
+from mlx_sharedllm.reread import (
+    Passage,
+    candidates,
+    choose,
+    choose_passages,
+    combine,
+    lexical_scores,
+    tokens_in_order,
+)
+from mlx_sharedllm.selection import keep_chunks
+from mlx_sharedllm.tree import ContextTree
+
+RUNNING = np.array([1, 2, 3], np.int32)
+
+
+def _tree(model, n=6, seed=0, rare=None):
+    tokens = np.random.default_rng(seed).integers(13, 48, n * 64 + 5).astype(np.int32)
+    if rare is not None:  # words found nowhere else, at this place
+        tokens[rare : rare + 4] = [60, 61, 62, 63]
+    return model.compress(mx.array(tokens), mx.array(RUNNING)), tokens
+
+
+def _words(ids):
+    """A fake tokenizer's words: token t is the word 'w{t}', tokens 0-12 are punctuation."""
+    return ["" if t < 13 else f"w{t}" for t in np.asarray(ids).tolist()]
+
+
+def test_the_tree_keeps_its_tokens_through_save_selection_and_arrangement(tmp_path):
+    model = movable_model()
+    tree, tokens = _tree(model)
+    n = tree.n_chunks
+    assert np.array_equal(np.array(tree.tokens), tokens[: n * 64].reshape(n, 64))
+    tree.save(tmp_path / "t.tree")
+    assert np.array_equal(
+        np.array(ContextTree.load(tmp_path / "t.tree").tokens), tokens[: n * 64].reshape(n, 64)
+    )
+    kept = keep_chunks(tree, [1, 4])
+    assert np.array_equal(np.array(kept.tokens), np.array(tree.tokens)[[1, 4]])
+    moved = arrange(model, [(tree, 3), (tree, 0)])
+    assert np.array_equal(np.array(moved.tokens), np.array(tree.tokens)[[3, 0]])
+
+
+def test_candidates_are_token_windows_where_entries_are_tokens_else_chunks():
+    model = movable_model()
+    tree, _ = _tree(model, n=6)
+    assert tokens_in_order(tree)
+    starts, ends, bounds = candidates(tree)
+    total = 6 * 64
+    assert np.all(ends - starts == PASSAGE_TOKENS) and ends[-1] == total
+    assert np.all(np.diff(starts) <= PASSAGE_TOKENS // 2)
+    assert np.array_equal(bounds, np.stack([starts, ends]))
+    coarse = dataclasses.replace(tree, meta={**tree.meta, "config": {"tree_depth": 3}})
+    starts, ends, bounds = candidates(coarse)
+    assert np.array_equal(starts, np.arange(6) * 64) and np.array_equal(ends, starts + 64)
+    t = tree.entries_per_chunk
+    assert np.array_equal(bounds, np.stack([np.arange(6) * t, np.arange(1, 7) * t]))
+
+
+def test_lexical_ranking_finds_the_passage_with_the_questions_rare_words():
+    rng = np.random.default_rng(0)
+    context = rng.integers(13, 40, 1000)
+    context[700:703] = [90, 91, 92]  # the question's rare words, once in the text
+    starts = np.arange(0, 1000 - 100 + 1, 50)
+    question = np.array([5, 90, 91, 92, 13])  # punctuation and a common word too
+    scores = lexical_scores(context, starts, starts + 100, question, _words)
+    best = starts[np.argmax(scores)]
+    assert best <= 700 and best + 100 >= 703
+    assert scores.max() > 3 * np.median(scores)
+    # A question with no words scores every passage 0.
+    assert not lexical_scores(context, starts, starts + 100, np.array([1, 2]), _words).any()
+
+
+def test_words_decide_and_attention_breaks_ties_or_ranks_alone():
+    lexical = np.array([2.0, 2.0, 0.5, 0.0])
+    attention = np.array([0.1, 0.3, 0.9, 0.2])
+    score = combine(lexical, attention)
+    assert list(np.argsort(-score)) == [1, 0, 2, 3]
+    # No passage holds a word of the question: the heads rank alone.
+    assert list(np.argsort(-combine(np.zeros(4), attention))) == [2, 1, 3, 0]
+    assert list(np.argsort(-combine(lexical, None))[:2]) == [0, 1]
+
+
+def test_passages_fit_the_budget_do_not_overlap_and_touching_ones_merge():
+    starts = np.arange(0, 1000, 50)
+    ends = starts + 100
+    scores = np.zeros(len(starts))
+    scores[[4, 6, 12, 5]] = [4, 3, 2, 1]  # windows 200-300, 300-400, 600-700
+    chosen = choose_passages(scores, starts, ends, 300)
+    assert chosen == [Passage(200, 400), Passage(600, 700)]
+    assert sum(p.end - p.start for p in chosen) <= 300
+    assert choose_passages(scores, starts, ends, 99) == []
+
+
+def test_choose_puts_the_best_passage_last_and_needs_the_trees_tokens():
+    model = movable_model()
+    tree, tokens = _tree(model, n=8, seed=2, rare=300)
+    question = tokens[300:304]
+    passages = choose(model, tree, RUNNING, 2 * PASSAGE_TOKENS, question, _words)
+    assert sum(p.end - p.start for p in passages) <= 2 * PASSAGE_TOKENS
+    last = passages[-1]
+    assert last.start <= 300 and last.end >= 304
+    with pytest.raises(ValueError, match="does not keep its tokens"):
+        choose(model, dataclasses.replace(tree, tokens=None), RUNNING, 256, question, _words)
+
+
+def test_the_remainder_is_a_candidate_too():
+    model = movable_model()
+    tree, tokens = _tree(model, n=4, seed=4)
+    remainder = np.array([13, 14, 95, 96, 97, 15], np.int32)
+    passages = choose(
+        model, tree, RUNNING, 2 * PASSAGE_TOKENS, np.array([95, 96, 97]), _words, remainder
+    )
+    # Its words are found nowhere else: it is the best passage, so it comes last.
+    assert passages[-1] == Passage(4 * 64, 4 * 64 + len(remainder))
+
+
+def test_generate_reads_the_passages_in_the_users_message(loaded, book):  # noqa: F811
+    model, tokenizer = loaded
+    text = book.read_text()
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    prompt = "Who?"
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    tree = model.compress(mx.array(ids), mx.array(prompt_ids))
+    running = np.concatenate([np.array(tree.remainder), prompt_ids])
+    budget = 2 * PASSAGE_TOKENS
+    responses = list(
+        stream_generate(model, tokenizer, prompt, tree, max_tokens=4, reread_tokens=budget)
+    )
+    last = responses[-1]
+    assert last.passages and 0 < last.reread_tokens <= budget
+    passages, window = reread_passages(model, tokenizer, tree, running, prompt, budget)
+    assert tuple(passages) == last.passages
+    context = np.concatenate([np.array(tree.tokens).reshape(-1), np.array(tree.remainder)])
+    pieces = [tokenizer.decode(context[p.start : p.end].tolist()).strip() for p in passages]
+    message = REREAD_MESSAGE.format(passages=REREAD_SEPARATOR.join(pieces), prompt=prompt)
+    expected = encode_prompt(tokenizer, message)
+    assert np.array_equal(window, expected)
+    # The answer reads that window and no tree.
+    assert generate(model, tokenizer, window.tolist(), max_tokens=4) == "".join(
+        r.text for r in responses
+    )
+    plain = list(stream_generate(model, tokenizer, prompt, tree, max_tokens=4, reread_tokens=0))
+    assert plain[-1].passages == () and plain[-1].reread_tokens == 0
+
+
+def test_a_tree_without_tokens_is_read_without_rereading(loaded, book):  # noqa: F811
+    model, tokenizer = loaded
+    ids = tokenizer.encode(book.read_text(), add_special_tokens=False)
+    tree = dataclasses.replace(model.compress(mx.array(ids), mx.array([1, 2])), tokens=None)
+    with pytest.warns(UserWarning, match="does not keep its tokens"):
+        responses = list(
+            stream_generate(model, tokenizer, "Who?", tree, max_tokens=2, reread_tokens=256)
+        )
+    assert responses[-1].reread_tokens == 0
+
+
+def test_the_config_checks_the_budget_and_adapters_carry_it(tmp_path):
+    base = movable_model().config.to_dict()
+    for bad in (-1, 5, 1.5):
+        with pytest.raises(ValueError, match="reread_tokens"):
+            SharedLLMConfig.from_dict({**base, "reread_tokens": bad})
+    model = movable_model()
+    before = model.fingerprint()
+    model.config.reread_tokens = 512
+    assert model.fingerprint() == before  # an inference setting, not the weights
+    model.freeze()
+    model.layers[0].cross_attn.unfreeze()
+    save_adapter(tmp_path, model, before)
+    assert json.loads((tmp_path / "adapter.json").read_text())["reread_tokens"] == 512
+    fresh = movable_model()
+    load_adapter(fresh, tmp_path)
+    assert fresh.config.reread_tokens == 512
+
+
+def test_cli_reread_tokens(spm_model, book):  # noqa: F811
+    from test_generate import invoke
+
+    args = ["--model", str(spm_model), "--file", str(book), "--prompt", "Who?"]
+    result = invoke(*args, "--max-tokens", "3", "--reread-tokens", "256")
+    assert result.exit_code == 0, result.output
+    stats = result.stderr.strip().splitlines()[-1]
+    reread = int(stats.split(" tokens re-read")[0].rsplit(" ", 1)[-1])
+    assert 0 < reread <= 256
+    bad = invoke(*args, "--reread-tokens", "-1")
+    assert bad.exit_code != 0 and "-1" in bad.output

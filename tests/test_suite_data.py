@@ -1,0 +1,356 @@
+"""The reading suite's data (benchmarks/suite_data.py): plans, insertion, matchers, texts."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import suite_data as sd  # noqa: E402
+from sources import BOOKS  # noqa: E402  (suite_data puts recipes/smollm2 on sys.path)
+
+from mlx_sharedllm.assets import cache_home  # noqa: E402
+
+SMOLLM2 = cache_home() / "models" / "SmolLM2-135M-Instruct-stacked-m19-heads4-keepall-float32"
+SPM_DIR = Path(__file__).parent / "fixtures" / "spm_tokenizer"
+NOUNS = ("river", "stone", "clerk", "garden", "window", "letter", "candle", "road", "field")
+VERBS = ("watched", "crossed", "found", "carried", "opened", "left", "followed", "passed")
+
+
+def question(kind: str, *answers: str, task: str = "single") -> sd.Question:
+    return sd.Question(task, "?", answers, kind, ())
+
+
+# -- matchers and statistics --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The number is 48213.", True),
+        ("48,213", True),
+        ("It is 48 213, I think.", True),
+        ("Berth48213!", True),
+        ("148213", False),
+        ("482130", False),
+        ("48,2130", False),
+        ("4821", False),
+        ("", False),
+    ],
+)
+def test_number_matches_whole_numbers_only(text, expected):
+    assert sd.is_correct(question("number", "48213"), text) is expected
+
+
+def test_number_finds_a_group_inside_a_joined_list():
+    assert sd.is_correct(question("number", "123"), "in 3 123 ways")
+    assert sd.is_correct(question("number", "3123"), "in 3 123 ways")
+
+
+def test_word_matches_whole_words_case_insensitively():
+    q = question("word", "tamarind")
+    assert sd.is_correct(q, "It was Tamarind.")
+    assert sd.is_correct(q, '"tamarind"')
+    assert not sd.is_correct(q, "tamarinds")
+    assert not sd.is_correct(q, "tamarin")
+
+
+def test_phrase_needs_every_content_word_in_any_order():
+    q = question("phrase", "the wobbly paisley trombone")
+    assert sd.is_correct(q, "Trombone, paisley and wobbly.")
+    assert sd.is_correct(q, "a wobbly paisley trombone")
+    assert not sd.is_correct(q, "the wobbly trombone")
+    assert not sd.is_correct(q, "wobblyish paisley trombones")
+
+
+def test_multivalue_needs_every_value():
+    q = question("number", "38481955", "31543249", "87403681", task="multivalue")
+    assert sd.is_correct(q, "87403681, 38481955 and 31543249")
+    assert not sd.is_correct(q, "38481955, 31543249")
+
+
+def test_book_question_needs_every_group():
+    q = sd.BookQuestion("?", ((r"school",), (r"shikoku|country",)), "x" * 20, "")
+    assert sd.is_correct(q, "A middle SCHOOL on Shikoku.")
+    assert sd.is_correct(q, "a school in the country")
+    assert not sd.is_correct(q, "a school in Tokyo")
+    assert not sd.is_correct(q, "Shikoku")
+
+
+def test_wilson_interval():
+    assert sd.wilson(0, 0) == (0.0, 1.0)
+    low, high = sd.wilson(0, 10)
+    assert low == 0.0 and high == pytest.approx(1.96**2 / (10 + 1.96**2))
+    low, high = sd.wilson(10, 10)
+    assert high == 1.0 and low == pytest.approx(10 / (10 + 1.96**2))
+    assert sd.wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert sd.wilson(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+
+
+# -- plans --------------------------------------------------------------------------------
+
+
+def plan(seed: int = 0, split: str = "test") -> sd.HaystackPlan:
+    return sd.plan_haystack(np.random.default_rng(seed), split)
+
+
+def decoys(p: sd.HaystackPlan) -> list[int]:
+    asked = {i for q in p.questions for i in q.facts}
+    return [i for i in range(len(p.facts)) if i not in asked]
+
+
+def shape(kind: str, value: str) -> tuple[str, int]:
+    return kind, len(value) if kind == "number" else len(value.split())
+
+
+def stated(fact: sd.Fact) -> tuple[str, str]:
+    """(kind, value) of what a fact states: a quoted word or phrase, else a number."""
+    quoted = re.findall(r'"([^"]+)"', fact.text)
+    if not quoted:
+        return "number", re.findall(r"\d+", fact.text)[-1]
+    return ("word" if len(quoted[-1].split()) == 1 else "phrase"), quoted[-1]
+
+
+def test_plan_is_deterministic():
+    assert plan(3) == plan(3)
+    assert plan(3) != plan(4)
+    assert plan(3, "dev") != plan(3, "test")
+    with pytest.raises(ValueError):
+        plan(3, "train")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_plan_groups_and_answers(seed):
+    p = plan(seed)
+    tasks = [q.task for q in p.questions]
+    assert sorted(set(tasks)) == sorted(sd.TASKS)
+    assert tasks.count("facts") == 4 and len(tasks) == 9
+    assert len({int(f.depth * sd.GROUPS) for f in p.facts}) == sd.GROUPS
+    assert all(0 <= f.depth <= 1 for f in p.facts)
+    for q in p.questions:
+        evidence = " ".join(p.facts[i].text for i in q.facts)
+        assert sd.is_correct(q, evidence), (q, evidence)
+        assert not any(a.lower() in q.prompt.lower() for a in q.answers)
+        assert q.prompt.endswith((".", "?")) and len(q.answers) == len(q.facts)
+        for answer in q.answers:
+            if q.kind == "number":
+                assert 3 <= len(answer) <= 9 and sum(map(int, answer)) % 2 == 1
+    multivalue = next(q for q in p.questions if q.task == "multivalue")
+    assert len(set(multivalue.answers)) == 3
+    spread = [p.facts[i].depth for i in multivalue.facts]
+    assert max(spread) - min(spread) <= 2 * sd.CLUSTER
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_decoys_share_shape_and_attribute_not_value(seed):
+    p = plan(seed)
+    found = decoys(p)
+    assert len(found) == 3
+    multikey = next(q for q in p.questions if q.task == "multikey")
+    asked = p.facts[multikey.facts[0]]
+    near = [i for i in found if abs(p.facts[i].depth - asked.depth) <= sd.CLUSTER + 1e-9]
+    assert len(near) == 2
+    attrs = [a for a in sd.ATTRIBUTES["number"] if a in multikey.prompt]
+    for i in near:
+        kind, value = stated(p.facts[i])
+        assert shape(kind, value) == shape("number", multikey.answers[0])
+        assert value != multikey.answers[0]
+        assert any(a in p.facts[i].text for a in attrs)
+    (far,) = set(found) - set(near)
+    kind, value = stated(p.facts[far])
+    matches = [
+        q
+        for q in p.questions
+        if q.task == "facts"
+        and shape(kind, value) == shape(q.kind, q.answers[0])
+        and any(a in p.facts[far].text and a in q.prompt for a in sd.ATTRIBUTES[q.kind])
+    ]
+    assert matches and all(not sd.is_correct(q, p.facts[far].text) for q in matches)
+
+
+def test_dev_and_test_plans_draw_keys_from_separate_halves():
+    dev = {*sd.FIRST_NAMES[0::2], *sd.SURNAMES[0::2]}
+    test = {*sd.FIRST_NAMES[1::2], *sd.SURNAMES[1::2]}
+    for seed in range(5):
+        test_words = set(re.findall(r"\w+", " ".join(f.text for f in plan(seed, "test").facts)))
+        dev_words = set(re.findall(r"\w+", " ".join(f.text for f in plan(seed, "dev").facts)))
+        assert test_words & test and not test_words & dev
+        assert dev_words & dev and not dev_words & test
+
+
+def test_vocabulary_is_not_training_vocabulary():
+    import needles
+
+    training = {w.lower() for words in needles.TRAIN_WORDS.values() for w in words}
+    training |= {w.lower() for words in needles.VARIED_KEYS.values() for w in words}
+    ours = sd.WORDS + sd.PHRASE_ADJECTIVES + sd.PHRASE_NOUNS + sd.FIRST_NAMES + sd.SURNAMES
+    ours += sd.PLACES + sd.MATERIALS + sd.OBJECTS
+    assert not {w.lower() for w in ours} & training
+    assert not set(sd.ATTRIBUTES["number"]) & set(needles.VARIED_ATTRIBUTES)
+
+
+# -- insertion ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """SmolLM2's tokenizer when it is here, else the tiny SentencePiece fixture."""
+    from mlx_lm.utils import load_tokenizer
+
+    if (SMOLLM2 / "tokenizer.json").exists():
+        return load_tokenizer(SMOLLM2)
+    folder = tmp_path_factory.mktemp("spm")
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(SPM_DIR / name, folder)
+    (folder / "config.json").write_text('{"model_type": "sharedllm"}')
+    return load_tokenizer(folder)
+
+
+@pytest.fixture(scope="module")
+def haystack(tokenizer) -> np.ndarray:
+    """About 8K tokens of plain sentences, some paragraphs."""
+    rng = np.random.default_rng(0)
+    sentences = []
+    for i in range(900):
+        a, b = rng.choice(NOUNS, 2)
+        end = "\n\n" if i % 7 == 6 else " "
+        sentences.append(f"The {a} {rng.choice(VERBS)} the {b} at {i}.{end}")
+    ids = tokenizer.encode("".join(sentences), add_special_tokens=False)
+    return np.asarray(ids[:8000], np.int32)
+
+
+def check_insertion(tokenizer, ids, facts, chunk_len):
+    new, spans = sd.insert_facts(tokenizer, ids, facts, chunk_len)
+    assert new.shape == ids.shape and new.dtype == ids.dtype
+    chunks = sd.fact_chunks(spans, chunk_len)
+    for fact, (start, end), k in zip(facts, spans, chunks):
+        assert tokenizer.decode(new[start:end].tolist()).strip() == fact.text
+        assert start // chunk_len == (end - 1) // chunk_len == k
+    holders = {k: [] for k in chunks}
+    for (start, end), k in zip(spans, chunks):
+        holders[k].append((start, end))
+    for k in range(-(-len(ids) // chunk_len)):
+        part = slice(k * chunk_len, (k + 1) * chunk_len)
+        if k not in holders:
+            assert np.array_equal(new[part], ids[part])
+            continue
+        keep = np.ones(len(new), bool)
+        for start, end in holders[k]:
+            keep[start:end] = False
+        rest, original = new[part][keep[part]], ids[part]
+        # What is left of the haystack is one stretch of the original chunk.
+        assert any(
+            np.array_equal(rest, original[i : i + len(rest)])
+            for i in range(len(original) - len(rest) + 1)
+        )
+    return new, spans
+
+
+def test_insert_plan_keeps_length_and_chunks(tokenizer, haystack):
+    for seed in range(3):
+        facts = plan(seed).facts
+        longest = max(len(sd.encode_fact(tokenizer, f.text)) for f in facts)
+        check_insertion(tokenizer, haystack, facts, max(256, 4 * longest))
+
+
+def test_insert_several_facts_in_one_chunk(tokenizer, haystack):
+    facts = plan(0).facts[:4]
+    chunk_len = 1024
+    depths = (0.4, 0.4, 0.4 + 300 / len(haystack), 0.4 + 700 / len(haystack))
+    crowded = [sd.Fact(f.text, d) for f, d in zip(facts, depths)]
+    new, spans = check_insertion(tokenizer, haystack, crowded, chunk_len)
+    assert len(set(sd.fact_chunks(spans, chunk_len))) < len(crowded)
+    assert spans[0][1] <= spans[1][0]  # same spot: in the order given
+
+
+def test_insert_at_the_edges_and_in_a_short_last_chunk(tokenizer, haystack):
+    facts = plan(1).facts
+    edges = [sd.Fact(facts[0].text, 0.0), sd.Fact(facts[1].text, 1.0)]
+    check_insertion(tokenizer, haystack[:7900], edges, 512)
+
+
+def test_insert_refuses_facts_longer_than_their_chunk(tokenizer, haystack):
+    text = max((f.text for f in plan(2).facts), key=len)
+    length = len(sd.encode_fact(tokenizer, text))
+    with pytest.raises(ValueError):
+        sd.insert_facts(tokenizer, haystack, [sd.Fact(text, 0.5)] * 3, 2 * length)
+
+
+# -- book questions -----------------------------------------------------------------------
+
+
+def test_book_questions_accept_their_references():
+    prompts = [q.prompt for q in sd.BOOK_QUESTIONS]
+    assert len(prompts) >= 12 and len(set(prompts)) == len(prompts)
+    assert "Who is the narrator, and where does he go to teach?" in prompts
+    for q in sd.BOOK_QUESTIONS:
+        assert 20 <= len(q.evidence) <= 120
+        for group in q.accept:
+            assert any(re.search(p, q.reference, re.I) for p in group), (q.prompt, group)
+        assert not sd.is_correct(q, "I do not know.")
+
+
+# -- texts (fetched from their pins; skipped when they cannot be fetched) -----------------
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    try:
+        return {name: sd.load_text(name) for name in sd.TEXTS}
+    except Exception as error:  # no network, no cache
+        pytest.skip(f"texts unavailable: {error}")
+
+
+def test_registry():
+    assert sd.texts("dev") == ["war-and-peace", "sherlock-holmes"]
+    assert set(sd.texts("test")) >= {
+        "botchan-heldout",
+        "lcet10",
+        "paradise-lost",
+        "as-you-like-it",
+        "astropy-changes",
+    }
+    assert sd.BOOK_TEXT not in sd.texts("test") and sd.TEXTS[sd.BOOK_TEXT].split == "test"
+    assert not set(sd.texts("dev")) & set(sd.texts("test"))
+    assert not set(sd.texts("test")) & {"botchan-train", *(book.name for book in BOOKS)}
+    for text in sd.TEXTS.values():
+        assert text.kind in ("novel", "nonfiction", "verse", "drama", "list")
+        assert text.split in ("dev", "test") and text.licence and text.note
+
+
+def test_texts_are_clean(loaded):
+    for name, text in loaded.items():
+        assert len(text) > 50_000, name
+        assert "\r" not in text and "Project Gutenberg" not in text, name
+        assert text.endswith("\n") and not text.startswith("\n"), name
+
+
+def test_test_texts_are_not_training_texts(loaded):
+    training = sd._training()
+    assert not set(sd.texts("test")) & set(training)
+    for name in sd.texts("test"):
+        text = loaded[name]
+        for at in (0, 1000, len(text) // 2, len(text) - 400):
+            piece = text[at : at + 200]
+            assert not any(piece in t for t in training.values()), (name, at)
+
+
+def test_values_do_not_occur_in_the_texts(loaded):
+    words = sd.WORDS + sd.PHRASE_ADJECTIVES + sd.PHRASE_NOUNS + sd.FIRST_NAMES + sd.SURNAMES
+    pattern = re.compile(r"\b(?:" + "|".join(words) + r")\b", re.I)
+    for name, text in loaded.items():
+        assert not pattern.search(text), (name, pattern.search(text))
+
+
+def test_book_evidence_is_verbatim(loaded):
+    book = loaded[sd.BOOK_TEXT]
+    for q in sd.BOOK_QUESTIONS:
+        assert book.count(q.evidence) >= 1, q.evidence
+    assert loaded["botchan-heldout"] in book
