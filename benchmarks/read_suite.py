@@ -184,9 +184,15 @@ class Systems:
 
     def oracle(self, tree, ids, prompt: str, chunks) -> str:
         chunk_len = self.model.config.chunk_len
-        parts = [ids[c * chunk_len : (c + 1) * chunk_len] for c in sorted(set(chunks))]
-        p = np.concatenate([*parts, encode_prompt(self.tokenizer, prompt)])
+        p = oracle_window(ids, chunks, chunk_len, encode_prompt(self.tokenizer, prompt))
         return greedy(self.model, self.tokenizer, None, p, self.model.make_cache())
+
+
+def oracle_window(ids: np.ndarray, chunks, chunk_len: int, prompt: np.ndarray) -> np.ndarray:
+    """The oracle's running text: the chunks that hold the answer, in document order
+    (each once), then the prompt."""
+    parts = [ids[c * chunk_len : (c + 1) * chunk_len] for c in sorted(set(chunks))]
+    return np.concatenate([*parts, prompt]).astype(np.int32)
 
 
 class Truncated:

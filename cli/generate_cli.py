@@ -124,6 +124,43 @@ def _memory_plan(path: Path, source: TextSource | None, prompt: str, options: di
     return plan
 
 
+def _saved_context(path: Path, model):
+    from ..loading import load_context
+
+    try:
+        return load_context(path, model)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def _compress_and_save(model, tokenizer, ids, prompt, chat_template, options, path: Path):
+    """Compress the context once and save it (the question is the tree's query)."""
+    import mlx.core as mx
+
+    from ..cache import TreeFormat
+    from ..generate import encode_prompt
+
+    if len(ids) < model.config.chunk_len:
+        raise InputError(
+            f"the context is {len(ids):,} tokens, shorter than one chunk "
+            f"({model.config.chunk_len}): there is nothing to compress and save"
+        )
+    bits, group = options.get("tree_bits"), options.get("tree_group_size") or 64
+    bar = _CompressBar(model.config.chunk_len)
+    tree = model.compress(
+        mx.array(ids),
+        mx.array(encode_prompt(tokenizer, prompt, chat_template)),
+        lambda done, total: bar("compress", done, total),
+        TreeFormat(model.compute_dtype, bits, group),
+    )
+    try:
+        tree.save(path)
+    except OSError as e:
+        raise InputError(f"cannot write the context to {path}: {e.strerror or e}") from None
+    click.echo(f"saved the compressed context to {path} ({tree.nbytes / 1e6:,.0f} MB)", err=True)
+    return tree
+
+
 def _stream(model, tokenizer, prompt, ids, chat_template, options):
     """Stream the answer to stdout; the last response (with the stats), if any."""
     response = None
@@ -151,6 +188,8 @@ def run_generate(
     verbose: bool,
     chat_template: bool | None,
     options: dict[str, Any],
+    save_context: Path | None = None,
+    context_path: Path | None = None,
 ) -> None:
     path = resolve_model(model_ref)
     plan = _memory_plan(path, source, prompt, options, force)
@@ -176,6 +215,12 @@ def run_generate(
     ids = _tokenize(tokenizer, source) if source else None
     if verbose and ids is not None:
         click.echo(f"context: {len(ids):,} tokens, chunks of {model.config.chunk_len}", err=True)
+    if context_path is not None:
+        ids = _saved_context(context_path, model)
+    elif save_context is not None:
+        ids = _compress_and_save(
+            model, tokenizer, ids, prompt, chat_template, options, save_context
+        )
     try:
         with wired_limit(plan) if plan else contextlib.nullcontext():
             response = _stream(model, tokenizer, prompt, ids, chat_template, options)

@@ -193,6 +193,19 @@ def demo_book_command() -> None:
     "(0: every chunk; default: the model's setting).",
 )
 @click.option(
+    "--save-context",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the compressed --file to this path, to ask more questions with --context.",
+)
+@click.option(
+    "--context",
+    "context_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Answer from a context saved with --save-context (instead of --file): no compression.",
+)
+@click.option(
     "--reread-tokens",
     type=click.IntRange(min=0),
     default=None,
@@ -208,7 +221,18 @@ def demo_book_command() -> None:
 @click.option("--force", is_flag=True, help="Run even when the memory plan does not fit.")
 @click.option("--verbose", is_flag=True, help="Say more about each step.")
 def generate_command(
-    file_, encoding, prompt, prompt_file, model, adapter, chat_template, force, verbose, **options
+    file_,
+    encoding,
+    prompt,
+    prompt_file,
+    model,
+    adapter,
+    chat_template,
+    force,
+    verbose,
+    save_context,
+    context_path,
+    **options,
 ) -> None:
     """Answer a prompt about a long text (--file) that need not fit the model's window."""
     from .generate_cli import run_generate
@@ -216,6 +240,10 @@ def generate_command(
     for name in ("tree_bits", "tree_group_size", "kv_bits", "kv_group_size"):
         options[name] = None if options[name] is None else int(options[name])
     try:
+        if context_path is not None and file_:
+            raise InputError("give --file or --context, not both")
+        if save_context is not None and not file_:
+            raise InputError("--save-context needs a --file to compress")
         question = read_prompt(prompt, prompt_file)
         text = read_text_file(file_, encoding) if file_ else None
         run_generate(
@@ -227,6 +255,8 @@ def generate_command(
             verbose=verbose,
             chat_template=chat_template,
             options=options,
+            save_context=save_context,
+            context_path=context_path,
         )
     except InputError as e:
         raise click.ClickException(str(e)) from None

@@ -206,3 +206,28 @@ def test_cli_reread_tokens(spm_model, book):  # noqa: F811
     assert 0 < reread <= 256
     bad = invoke(*args, "--reread-tokens", "-1")
     assert bad.exit_code != 0 and "-1" in bad.output
+
+
+def test_cli_compresses_once_and_answers_from_the_saved_context(spm_model, book, tmp_path):  # noqa: F811
+    from test_generate import invoke
+
+    saved = tmp_path / "book.tree"
+    args = ["--model", str(spm_model), "--max-tokens", "3", "--prompt", "Who?"]
+    first = invoke(*args, "--file", str(book), "--save-context", str(saved))
+    assert first.exit_code == 0, first.output
+    assert saved.exists() and "saved the compressed context" in first.stderr
+    again = invoke(*args, "--context", str(saved))
+    assert again.exit_code == 0, again.output
+    assert again.stdout == first.stdout  # the same tree, the same greedy answer
+    assert (
+        again.stderr.strip().splitlines()[-1].split("|")[:2]
+        == first.stderr.strip().splitlines()[-1].split("|")[:2]
+    )
+    both = invoke(*args, "--file", str(book), "--context", str(saved))
+    assert both.exit_code != 0 and "not both" in both.output
+    lonely = invoke(*args, "--save-context", str(tmp_path / "x.tree"))
+    assert lonely.exit_code != 0 and "needs a --file" in lonely.output
+    junk = tmp_path / "junk.tree"
+    junk.write_bytes(b"not a tree")
+    bad = invoke(*args, "--context", str(junk))
+    assert bad.exit_code != 0 and "not a readable context tree" in bad.output

@@ -354,3 +354,23 @@ def test_book_evidence_is_verbatim(loaded):
     for q in sd.BOOK_QUESTIONS:
         assert book.count(q.evidence) >= 1, q.evidence
     assert loaded["botchan-heldout"] in book
+
+
+def test_the_oracle_reads_exactly_the_chunks_that_hold_the_facts(tokenizer, haystack):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "read_suite", ROOT / "benchmarks" / "read_suite.py"
+    )
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    facts = [sd.Fact("Alpha Quennell keeps tag 123.", 0.3), sd.Fact("Gamma is 456.", 0.8)]
+    new, spans = sd.insert_facts(tokenizer, haystack, facts, 1024)
+    chunks = sd.fact_chunks(spans, 1024)
+    prompt = np.array([7, 8, 9], np.int32)
+    window = suite.oracle_window(new, chunks + chunks[:1], 1024, prompt)
+    held = sorted(set(chunks))
+    assert len(window) == 1024 * len(held) + 3 and np.array_equal(window[-3:], prompt)
+    for (start, end), chunk in zip(spans, chunks):
+        offset = held.index(chunk) * 1024 + start - chunk * 1024
+        assert np.array_equal(window[offset : offset + end - start], new[start:end])
