@@ -138,6 +138,18 @@ def demo_book_command() -> None:
         raise click.ClickException(str(e)) from None
 
 
+@cli.command("default-model")
+def default_model_command() -> None:
+    """Print the folder of the default model (with its adapter), building it once."""
+    from ..assets import AssetError
+    from ..default import default_model
+
+    try:
+        click.echo(default_model())
+    except AssetError as e:
+        raise click.ClickException(str(e)) from None
+
+
 @cli.command("generate")
 @click.option(
     "--file", "file_", default=None, help="The long context: a text file, or - for stdin."

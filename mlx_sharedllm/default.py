@@ -44,7 +44,7 @@ def default_base_model(progress: bool = True) -> Path:
         return out
     gguf = fetch(DEFAULT_GGUF, progress=progress)
     if progress:
-        print(f"converting the default model into {out} (once)", file=sys.stderr)
+        print(f"converting the base model (no adapter yet) into {out} (once)", file=sys.stderr)
     # Another process may convert it first; its finished folder is as good as ours.
     with contextlib.suppress(FileExistsError):
         convert(
@@ -86,6 +86,8 @@ def default_model(progress: bool = True) -> Path:
         return base
     out = cache_home() / "models" / f"{BASE_NAME}-{version}"
     if not (out / "config.json").exists():
+        if progress:
+            print(f"adding the shipped adapter: the default model is {out} (once)", file=sys.stderr)
         with contextlib.suppress(FileExistsError):
             fuse(base, ADAPTER, out, check_fingerprint=False)
     return out

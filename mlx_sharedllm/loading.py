@@ -15,8 +15,19 @@ from .tree import ContextTree
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
-def load(path: str | Path) -> tuple[SharedLLM, TokenizerWrapper | None]:
-    """Load a converted model folder: (model, tokenizer), tokenizer None when it has none."""
+DEFAULT = "default"
+
+
+def load(path: str | Path = DEFAULT) -> tuple[SharedLLM, TokenizerWrapper | None]:
+    """Load a converted model folder: (model, tokenizer), tokenizer None when it has none.
+
+    With no argument (or "default"), the embedded default model with its adapter, built
+    once into the cache (`mlx_sharedllm.default.default_model`).
+    """
+    if str(path) == DEFAULT:
+        from .default import default_model
+
+        path = default_model()
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a converted model folder (no config.json)")

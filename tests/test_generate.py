@@ -293,6 +293,21 @@ def test_default_model_answers_about_the_book():
     assert "untrained" not in result.stderr
 
 
+@pytest.mark.slow
+def test_the_default_model_is_found_from_python_and_the_cli():
+    from mlx_sharedllm import load
+    from mlx_sharedllm.cli.main import cli
+    from mlx_sharedllm.default import adapter_version, default_model
+
+    folder = default_model(progress=False)
+    assert folder.name.endswith(adapter_version())
+    printed = CliRunner().invoke(cli, ["default-model"])
+    assert printed.exit_code == 0 and printed.stdout.strip() == str(folder)
+    model, tokenizer = load()
+    assert tokenizer is not None and model.config.reread_tokens == 256
+    assert model.fingerprint() == load("default")[0].fingerprint() == load(folder)[0].fingerprint()
+
+
 def test_cli_refuses_a_plan_that_does_not_fit(spm_model, book, monkeypatch):
     from mlx_sharedllm import plan
 
