@@ -260,7 +260,8 @@ def ask_all(ctx: dict, questions, systems: list[str], runner: Systems, truncated
             row = {
                 "key": key, "system": system, "split": ctx["split"], "text": ctx["text"],
                 "kind": ctx["kind"], "length": ctx["length"], "haystack": ctx["haystack"],
-                "task": q.task, "question": q.prompt, "answer": text, "unrun": unrun,
+                "task": getattr(q, "task", "book"), "question": q.prompt, "answer": text,
+                "unrun": unrun,
                 "want": list(getattr(q, "answers", ())) or getattr(q, "reference", ""),
                 "correct": bool(sd.is_correct(q, text)), "reread_found": found,
                 "seconds": round(time.perf_counter() - tic, 1),
@@ -349,6 +350,7 @@ def cell(rows: list[dict]) -> str:
 
 def report(paths, heatmap: str | None, markdown: str | None) -> str:
     rows = load_rows(paths)
+    rows += [{**r, "task": "all needle tasks"} for r in rows if r["task"] != "book"]
     tasks = sorted({r["task"] for r in rows})
     systems = [s for s in SYSTEMS if any(r["system"] == s for r in rows)]
     lines = []
@@ -401,7 +403,7 @@ def draw_heatmap(rows: list[dict], tasks: list[str], path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if r["system"] == "sharedllm" and r["task"] != "book"]
-    tasks = [t for t in tasks if t != "book"]
+    tasks = [t for t in tasks if t != "book"]  # "all needle tasks" is the bottom row
     lengths = sorted({r["length"] for r in rows})
     grid = np.full((len(tasks), len(lengths)), np.nan)
     for i, t in enumerate(tasks):
