@@ -366,7 +366,7 @@ def report(paths, heatmap: str | None, markdown: str | None) -> str:
             ]
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += recall_table(rows)
+    lines += recall_table([r for r in rows if r["task"] != "all needle tasks"])
     text = "\n".join(lines)
     if markdown:
         Path(markdown).write_text(text + "\n")
