@@ -46,6 +46,7 @@ from mlx_lm.generate import generate_step  # noqa: E402
 from mlx_lm.models.cache import trim_prompt_cache  # noqa: E402
 
 import suite_data as sd  # noqa: E402
+from eval_real import prefill  # noqa: E402
 from mlx_sharedllm.assets import cache_home  # noqa: E402
 from mlx_sharedllm.distractors import arrange, movable_chunks  # noqa: E402
 from mlx_sharedllm.generate import (  # noqa: E402
@@ -74,10 +75,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-needles", action="store_true", help="only the book questions")
     p.add_argument("--reread-tokens", type=int, default=None, help="override the model's")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--message", default=None, help="the re-read message format (a variant)")
-    p.add_argument(
-        "--words-only", action="store_true", help="rank passages by words alone (a variant)"
-    )
     p.add_argument("--quick", action="store_true", help="8K only, one haystack per text")
     p.add_argument("--out", default=None, help="JSONL file of results (appended, resumed)")
     p.add_argument("--report", nargs="+", default=None, help="summarise JSONL files and exit")
@@ -145,12 +142,6 @@ def greedy(model, tokenizer, tree, prompt: np.ndarray, cache: list) -> str:
         tokens.append(token)
     trim_prompt_cache(cache, cache[0].offset - before)
     return tokenizer.decode(tokens)
-
-
-def prefill(model, tokens: np.ndarray, cache: list, step: int = 1024) -> None:
-    for i in range(0, len(tokens), step):
-        model.model(mx.array(tokens[None, i : i + step]), None, cache)
-        mx.eval([c.state for c in cache])
 
 
 class Systems:
@@ -432,14 +423,6 @@ def main(argv=None) -> None:
     from mlx_sharedllm.default import default_model
 
     model, tokenizer = load(a.model or default_model())
-    if a.message:
-        import mlx_sharedllm.generate as generate_module
-
-        generate_module.REREAD_MESSAGE = a.message
-    if a.words_only:
-        import mlx_sharedllm.reread as reread
-
-        reread.attention_profile = lambda *args: None
     out = Path(a.out) if a.out else None
     done = done_keys(out)
     runner = Systems(model, tokenizer, a.reread_tokens)
