@@ -687,6 +687,72 @@ BOOK_QUESTIONS = (
     ),
 )
 
+# Questions about the first 64K tokens of War and Peace (a dev text): for choosing how to
+# re-read, never reported as results.
+DEV_BOOK_TEXT = "war-and-peace"
+DEV_BOOK_QUESTIONS = (
+    BookQuestion(
+        "Who is Anna Pavlovna Scherer?",
+        ((r"maid of hono|favou?rite|empress",),),
+        "Pavlovna Scherer, maid of honor and favorite of the Empress Marya",
+        "A maid of honour and favourite of the Empress Marya Fedorovna.",
+    ),
+    BookQuestion(
+        "Whose son is Pierre?",
+        ((r"bezukhov",),),
+        "young man was an illegitimate son of Count Bezukhov, a well-known",
+        "The illegitimate son of Count Bezukhov.",
+    ),
+    BookQuestion(
+        "Whom does Anna Pavlovna suggest that Prince Vasili's son Anatole should marry?",
+        ((r"mary|bolkonsk",),),
+        "yours, Princess Mary Bolkonskaya.",
+        "Princess Mary Bolkonskaya.",
+    ),
+    BookQuestion(
+        "What did Dolokhov bet that he would do?",
+        ((r"drink|rum|bottle",), (r"window|ledge|sill",)),
+        "naval officer, that he would drink a bottle of rum sitting on the",
+        "Drink a bottle of rum sitting on the outer ledge of a third-floor window.",
+    ),
+    BookQuestion(
+        "What did the young men do to the policeman when he tried to stop them?",
+        ((r"\btied|\btie\b|bound",), (r"bear",)),
+        "do? They tied a policeman and the bear back to back and put the bear",
+        "They tied him back to back with a bear and put the bear into the Moyka Canal.",
+    ),
+    BookQuestion(
+        "Who is Sonya?",
+        ((r"niece|cousin",),),
+        "son; Sonya, the count's fifteen-year-old niece, and little Petya,",
+        "The count's fifteen-year-old niece.",
+    ),
+    BookQuestion(
+        "Whose name day do the Rostovs celebrate?",
+        ((r"natal|natasha|mother|daughter",),),
+        "It was St. Natalia's day and the name day of two of the Rostovs--the",
+        "The mother's and the youngest daughter's, both named Nataly.",
+    ),
+    BookQuestion(
+        "What is the name of old Prince Bolkonski's estate?",
+        ((r"bald hills",),),
+        "At Bald Hills, Prince Nicholas Andreevich Bolkonski's estate, the",
+        "Bald Hills.",
+    ),
+    BookQuestion(
+        "What does Anna Mikhaylovna ask Prince Vasili to do for her son Boris?",
+        ((r"adjutant|kutuzov|guards",),),
+        "Kutuzov... recommend Boris to him as adjutant! Then I shall be at",
+        "Recommend him to Kutuzov as an adjutant.",
+    ),
+    BookQuestion(
+        "Who is Prince Vasili's daughter?",
+        ((r"helene|hel[eè]ne",),),
+        "Prince Vasili's daughter, the beautiful Helene, came to take her",
+        "The beautiful Helene.",
+    ),
+)
+
 
 # -- matchers and statistics --------------------------------------------------------------
 

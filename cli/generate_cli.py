@@ -11,12 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 from tqdm import tqdm
 
-from ..generate import stream_generate, tokenize_pieces
+from ..generate import stream_generate
 from ..loading import load
 from ..plan import check_fits, plan_for_model_dir, wired_limit
 from .inputs import InputError, TextSource
+
+# Saved trees are 8-bit unless asked otherwise: about a third of float32's size, and on
+# the reading suite's dev split they chose the same passages as float (README).
+SAVE_TREE_BITS = 8
 
 
 def resolve_model(ref: str | None) -> Path:
@@ -44,6 +49,15 @@ def resolve_model(ref: str | None) -> Path:
         raise InputError(str(e)) from None
 
 
+def _load_adapter(model, adapter: Path) -> None:
+    from ..adapters import load_adapter
+
+    try:
+        load_adapter(model, adapter)
+    except (ValueError, FileNotFoundError) as e:
+        raise InputError(str(e)) from None
+
+
 def load_model(path: Path):
     try:
         model, tokenizer = load(path)
@@ -55,20 +69,34 @@ def load_model(path: Path):
     return model, tokenizer
 
 
-def _tokenize(tokenizer, source: TextSource):
+def _tokenize(tokenizer, source: TextSource) -> np.ndarray:
+    """The context's token ids, with a bar of characters read and tokens made (stdin has
+    no size known ahead, so its bar counts without a total)."""
+    ids, tokens = [], 0
     with tqdm(
         total=source.size,
-        unit="B",
+        unit="char",
         unit_scale=True,
         desc="tokenizing",
         file=sys.stderr,
         leave=False,
     ) as bar:
+        for piece in source.pieces():
+            ids.append(np.asarray(tokenizer.encode(piece, add_special_tokens=False), np.int32))
+            tokens += len(ids[-1])
+            bar.update(len(piece))
+            bar.set_postfix_str(f"{tokens:,} tokens", refresh=False)
+    return np.concatenate(ids) if ids else np.zeros(0, np.int32)
 
-        def progress(stage: str, done: int, total: int) -> None:
-            bar.update(done - bar.n)
 
-        return tokenize_pieces(tokenizer, source.pieces(), progress)
+def check_prompt(model, tokenizer, prompt: str, chat_template: bool | None) -> None:
+    """Refuse a prompt longer than the model's window before any context is read."""
+    from ..generate import encode_prompt
+
+    window = model.args.max_position_embeddings
+    n = len(encode_prompt(tokenizer, prompt, chat_template))
+    if window and n > window:
+        raise InputError(f"the prompt is {n:,} tokens, longer than the model's window ({window:,})")
 
 
 class _CompressBar:
@@ -87,11 +115,14 @@ class _CompressBar:
             self.bar.close()
 
 
-def stats_line(r) -> str:
+def stats_line(r, origin: str | None = None) -> str:
+    """The stats of a finished answer; `origin` says where the tree came from (default:
+    compressed now, at the speed measured)."""
+    origin = origin or f"compressed at {r.compress_tps:,.0f} tok/s"
     return (
-        f"context {r.context_tokens:,} tokens | {r.chunks:,} chunks ({r.chunks_read:,} read, "
-        f"{r.reread_tokens:,} tokens re-read) | "
-        f"{r.tree_entries:,} tree entries | compress {r.compress_tps:,.0f} tok/s | "
+        f"context {r.context_tokens:,} tokens, {origin} | {r.chunks:,} chunks "
+        f"({r.chunks_read:,} read, {r.reread_tokens:,} tokens re-read) | "
+        f"{r.tree_entries:,} tree entries | "
         f"prompt {r.prompt_tokens:,} tokens, {r.prompt_tps:,.0f} tok/s | "
         f"generation {r.generation_tokens:,} tokens, {r.generation_tps:,.1f} tok/s | "
         f"peak memory {r.peak_memory:.2f} GB"
@@ -133,8 +164,34 @@ def _saved_context(path: Path, model):
         raise InputError(str(e)) from None
 
 
-def _compress_and_save(model, tokenizer, ids, prompt, chat_template, options, path: Path):
-    """Compress the context once and save it (the question is the tree's query)."""
+def save_bits(model, choice: str | None, group: int) -> int | None:
+    """The bits a saved tree is stored with: --tree-bits's choice ('4', '8', 'float'), by
+    default SAVE_TREE_BITS where the model's head_dim takes the group size (else float)."""
+    if choice is not None:
+        return None if choice == "float" else int(choice)
+    head_dim = model.tree_shape(0)[3]
+    if head_dim % group:
+        click.echo(
+            f"note: saving the tree in float: head_dim {head_dim} is not a multiple of "
+            f"--tree-group-size {group}",
+            err=True,
+        )
+        return None
+    return SAVE_TREE_BITS
+
+
+def compress_and_save(
+    model,
+    tokenizer,
+    ids,
+    prompt: str | None,
+    chat_template,
+    bits: int | None,
+    group: int,
+    path: Path,
+) -> tuple[Any, float]:
+    """Compress the context once and save it (`prompt` is the tree's query; without one,
+    the text's first token); the tree and the tokens/s it was compressed at."""
     import mlx.core as mx
 
     from ..cache import TreeFormat
@@ -145,20 +202,26 @@ def _compress_and_save(model, tokenizer, ids, prompt, chat_template, options, pa
             f"the context is {len(ids):,} tokens, shorter than one chunk "
             f"({model.config.chunk_len}): there is nothing to compress and save"
         )
-    bits, group = options.get("tree_bits"), options.get("tree_group_size") or 64
+    query = encode_prompt(tokenizer, prompt, chat_template) if prompt else ids[:1]
     bar = _CompressBar(model.config.chunk_len)
+    tic = time.perf_counter()
     tree = model.compress(
         mx.array(ids),
-        mx.array(encode_prompt(tokenizer, prompt, chat_template)),
+        mx.array(query),
         lambda done, total: bar("compress", done, total),
         TreeFormat(model.compute_dtype, bits, group),
     )
+    seconds = time.perf_counter() - tic
     try:
         tree.save(path)
     except OSError as e:
         raise InputError(f"cannot write the context to {path}: {e.strerror or e}") from None
-    click.echo(f"saved the compressed context to {path} ({tree.nbytes / 1e6:,.0f} MB)", err=True)
-    return tree
+    kind = "float" if bits is None else f"{bits}-bit"
+    click.echo(
+        f"saved the compressed context ({kind}) to {path}: {path.stat().st_size / 1e6:,.0f} MB",
+        err=True,
+    )
+    return tree, tree.n_chunks * tree.chunk_len / max(seconds, 1e-9)
 
 
 def _stream(model, tokenizer, prompt, ids, chat_template, options):
@@ -189,18 +252,14 @@ def run_generate(
     chat_template: bool | None,
     options: dict[str, Any],
     save_context: Path | None = None,
+    save_tree_bits: str | None = None,
     context_path: Path | None = None,
 ) -> None:
     path = resolve_model(model_ref)
     plan = _memory_plan(path, source, prompt, options, force)
     model, tokenizer = load_model(path)
     if adapter is not None:
-        from ..adapters import load_adapter
-
-        try:
-            load_adapter(model, adapter)
-        except (ValueError, FileNotFoundError) as e:
-            raise InputError(str(e)) from None
+        _load_adapter(model, adapter)
     if verbose:
         click.echo(f"model: {path} (fingerprint {model.fingerprint()})", err=True)
     reread = options.get("reread_tokens")
@@ -212,15 +271,22 @@ def run_generate(
             "context yet (--reread-tokens reads passages of it again in full)",
             err=True,
         )
+    check_prompt(model, tokenizer, prompt, chat_template)
     ids = _tokenize(tokenizer, source) if source else None
     if verbose and ids is not None:
         click.echo(f"context: {len(ids):,} tokens, chunks of {model.config.chunk_len}", err=True)
+    origin = None
     if context_path is not None:
-        ids = _saved_context(context_path, model)
+        ids, origin = _saved_context(context_path, model), f"loaded from {context_path}"
     elif save_context is not None:
-        ids = _compress_and_save(
-            model, tokenizer, ids, prompt, chat_template, options, save_context
+        group = options.get("tree_group_size") or 64
+        bits = save_bits(model, save_tree_bits, group)
+        ids, tps = compress_and_save(
+            model, tokenizer, ids, prompt, chat_template, bits, group, save_context
         )
+        origin = f"compressed at {tps:,.0f} tok/s"
+    elif ids is None:
+        origin = "none given"
     try:
         with wired_limit(plan) if plan else contextlib.nullcontext():
             response = _stream(model, tokenizer, prompt, ids, chat_template, options)
@@ -228,4 +294,32 @@ def run_generate(
         raise InputError(str(e)) from None
     sys.stdout.write("\n")
     if response is not None:
-        click.echo(stats_line(response), err=True)
+        click.echo(stats_line(response, origin), err=True)
+
+
+def run_compress(
+    source: TextSource,
+    model_ref: str | None,
+    out: Path,
+    *,
+    prompt: str | None,
+    tree_bits: str | None,
+    group: int,
+    adapter: Path | None = None,
+    force: bool = False,
+    chat_template: bool | None = None,
+) -> None:
+    """`mlx-sharedllm compress`: tokenize, compress and save a context tree."""
+    path = resolve_model(model_ref)
+    bits = None if tree_bits in (None, "float") else int(tree_bits)
+    plan = _memory_plan(path, source, prompt or "", {"tree_bits": bits}, force)
+    model, tokenizer = load_model(path)
+    if adapter is not None:
+        _load_adapter(model, adapter)
+    bits = save_bits(model, tree_bits, group)
+    if prompt:
+        check_prompt(model, tokenizer, prompt, chat_template)
+    ids = _tokenize(tokenizer, source)
+    click.echo(f"context: {len(ids):,} tokens, model {path}", err=True)
+    with wired_limit(plan) if plan else contextlib.nullcontext():
+        compress_and_save(model, tokenizer, ids, prompt, chat_template, bits, group, out)

@@ -59,6 +59,20 @@ class _Prefixed(io.RawIOBase):
         return len(data)
 
 
+def check_regular_file(file: Path, name: str) -> None:
+    """A one-line error unless `file` is a regular file (not missing, a folder or a
+    device, whose reading would fail or never end)."""
+    if file.is_dir():
+        raise InputError(f"{name} is a directory, not a text file")
+    if not file.exists():
+        raise InputError(f"no such file: {name}")
+    if not file.is_file():
+        raise InputError(
+            f"{name} is not a regular file (a device, pipe or socket); "
+            "to read a stream, pipe it in with --file -"
+        )
+
+
 def read_text_file(path: str, encoding: str) -> TextSource:
     """Check a context file up front: it exists, is not empty, and looks like text."""
     try:
@@ -69,8 +83,7 @@ def read_text_file(path: str, encoding: str) -> TextSource:
         head, size = sys.stdin.buffer.read(SNIFF_BYTES), None
     else:
         file = Path(path)
-        if not file.is_file():
-            raise InputError(f"no such file: {path}")
+        check_regular_file(file, path)
         size = file.stat().st_size
         with open(file, "rb") as f:
             head = f.read(SNIFF_BYTES)
@@ -85,8 +98,7 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if prompt is not None and prompt_file is not None:
         raise InputError("give --prompt or --prompt-file, not both")
     if prompt_file is not None:
-        if not prompt_file.is_file():
-            raise InputError(f"no such file: {prompt_file}")
+        check_regular_file(prompt_file, str(prompt_file))
         try:
             prompt = prompt_file.read_text(encoding="utf-8")
         except UnicodeDecodeError:

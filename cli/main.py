@@ -181,9 +181,10 @@ def default_model_command() -> None:
 )
 @click.option(
     "--tree-bits",
-    type=click.Choice(["4", "8"]),
+    type=click.Choice(["4", "8", "float"]),
     default=None,
-    help="Store the context tree quantized (default: the model's float dtype).",
+    help="Store the context tree quantized, or in the model's float dtype (default: float "
+    "in memory, 8-bit for --save-context where the model's head_dim allows).",
 )
 @click.option(
     "--tree-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True
@@ -249,8 +250,9 @@ def generate_command(
     """Answer a prompt about a long text (--file) that need not fit the model's window."""
     from .generate_cli import run_generate
 
+    tree_bits = options["tree_bits"]
     for name in ("tree_bits", "tree_group_size", "kv_bits", "kv_group_size"):
-        options[name] = None if options[name] is None else int(options[name])
+        options[name] = None if options[name] in (None, "float") else int(options[name])
     try:
         if context_path is not None and file_:
             raise InputError("give --file or --context, not both")
@@ -268,7 +270,66 @@ def generate_command(
             chat_template=chat_template,
             options=options,
             save_context=save_context,
+            save_tree_bits=tree_bits,
             context_path=context_path,
+        )
+    except InputError as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        tqdm.write("\ninterrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+@cli.command("compress")
+@click.option(
+    "--file", "file_", required=True, help="The long context: a text file, or - for stdin."
+)
+@click.option("--encoding", default="utf-8", show_default=True, help="The file's text encoding.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Where to write the compressed context (read it with `generate --context`).",
+)
+@click.option(
+    "--model",
+    default=None,
+    help="A converted model folder or Hub repo (default: embedded SmolLM2-135M).",
+)
+@click.option(
+    "--prompt",
+    default=None,
+    help="The question the tree is built for, where the model's tree keeps what a "
+    "question points at (default: none; the embedded model keeps every token anyway).",
+)
+@click.option(
+    "--tree-bits",
+    type=click.Choice(["4", "8", "float"]),
+    default=None,
+    help="How tree entries are stored (default: 8-bit where the model's head_dim allows).",
+)
+@click.option(
+    "--tree-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True
+)
+@click.option("--adapter", type=click.Path(path_type=Path), default=None, help="An adapter folder.")
+@click.option("--force", is_flag=True, help="Run even when the memory plan does not fit.")
+def compress_command(
+    file_, encoding, out, model, prompt, tree_bits, tree_group_size, adapter, force
+) -> None:
+    """Compress a long text once into a context tree file, to ask many questions with
+    `generate --context`."""
+    from .generate_cli import run_compress
+
+    try:
+        run_compress(
+            read_text_file(file_, encoding),
+            model,
+            out,
+            prompt=prompt,
+            tree_bits=tree_bits,
+            group=int(tree_group_size),
+            adapter=adapter,
+            force=force,
         )
     except InputError as e:
         raise click.ClickException(str(e)) from None

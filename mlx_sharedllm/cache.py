@@ -112,6 +112,12 @@ class TreeCache:
             self.fmt, shape, _entries(self.keys, index), _entries(self.values, index)
         )
 
+    def stored_as(self, fmt: TreeFormat) -> TreeCache:
+        """This cache's entries in another format (quantized, or back to float)."""
+        stored = [fmt.store(x) for x in self.dequantized()]
+        keys, values = (x[0] if fmt.bits is None else tuple(x) for x in stored)
+        return TreeCache.from_arrays(fmt, self.shape, keys, values)
+
     def dequantized(self) -> tuple[mx.array, mx.array]:
         """Float (1, kv_heads, capacity, head_dim) keys and values."""
         return self._float(self.keys), self._float(self.values)

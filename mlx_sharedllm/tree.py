@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +159,10 @@ class ContextTree:
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
+
+    def stored_as(self, fmt: TreeFormat) -> ContextTree:
+        """The same tree with its entries stored in `fmt` (e.g. 8-bit, to save it small)."""
+        return replace(self, layers=[layer.stored_as(fmt) for layer in self.layers])
 
     def layer(self, i: int) -> TreeCache:
         return self.layers[i]
