@@ -123,6 +123,9 @@ def convert_command(
         )
     except (ConversionError, CheckpointError, FileExistsError, ValueError) as e:
         raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        tqdm.write("\ninterrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     click.echo(f"wrote {path}", err=True)
 
 

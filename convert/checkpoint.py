@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 from mlx_lm.utils import quantize_model, save_model
 from tqdm import tqdm
 
 from ..model import SharedLLM
+from .files import read_json, read_weight_map
 from .gguf import read_gguf, save_gguf_tokenizer
 from .released import config_from_released, weight_table
+from .safetensors_reader import load_safetensors
 from .stack import StackOptions, stack_from_one
 from .tables import ConversionError, check_weights
 from .torch_bin import load_torch_bin
@@ -63,19 +67,29 @@ def resolve_source(src: str | Path) -> Path:
         ) from None
 
 
-def _weight_files(src: Path) -> tuple[list[Path], Loader, Path | None]:
-    """The weight files of a checkpoint folder, their loader, and their index if sharded."""
-    for pattern, index_name, loader in (
-        ("*.safetensors", "model.safetensors.index.json", lambda p: mx.load(str(p))),
-        ("pytorch_model*.bin", "pytorch_model.bin.index.json", load_torch_bin),
+class _WeightFiles(NamedTuple):
+    """The weight files of a checkpoint folder, their loader, and its index if sharded."""
+
+    files: list[Path]
+    loader: Loader
+    index: Path | None = None
+    weight_map: dict[str, str] | None = None
+
+
+def _weight_files(src: Path) -> _WeightFiles:
+    for suffix, pattern, index_name, loader in (
+        (".safetensors", "*.safetensors", "model.safetensors.index.json", load_safetensors),
+        (".bin", "pytorch_model*.bin", "pytorch_model.bin.index.json", load_torch_bin),
     ):
         index = src / index_name
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return sorted({src / f for f in weight_map.values()}), loader, index
+            weight_map = read_weight_map(index, suffix)
+            return _WeightFiles(
+                sorted({src / f for f in weight_map.values()}), loader, index, weight_map
+            )
         files = sorted(src.glob(pattern))
         if len(files) == 1:
-            return files, loader, None
+            return _WeightFiles(files, loader)
         if files:
             raise ConversionError(f"{src} has {len(files)} {pattern} files but no {index_name}")
     raise ConversionError(f"no weights (*.safetensors or pytorch_model*.bin) in {src}")
@@ -83,15 +97,13 @@ def _weight_files(src: Path) -> tuple[list[Path], Loader, Path | None]:
 
 def read_weights(src: Path, progress: bool = True) -> Iterator[tuple[str, mx.array]]:
     """Every tensor of a checkpoint folder, one file at a time (a progress bar per file)."""
-    files, loader, index = _weight_files(src)
-    weight_map = json.loads(index.read_text())["weight_map"] if index else None
+    files, loader, index, weight_map = _weight_files(src)
     for path in tqdm(files, desc="reading weights", unit="file", disable=not progress):
-        if not path.exists():
-            raise ConversionError(f"{index} names {path.name}, which does not exist")
         for name, value in loader(path).items():
             if weight_map is not None and weight_map.get(name) != path.name:
                 raise ConversionError(
-                    f"{path.name} holds {name}, which {index.name} puts in {weight_map.get(name)}"
+                    f"{path.name} holds {name!r:.100}, which {index.name} puts in "
+                    f"{weight_map.get(name)!r}"
                 )
             yield name, value
 
@@ -100,7 +112,9 @@ def _released_model(src: Path, hf: dict, dtype: mx.Dtype | None, progress: bool)
     cfg = config_from_released(hf)
     lower_layers = (hf.get("encoder_config") or hf)["num_hidden_layers"]
     kept, dropped = weight_table(cfg, lower_layers)
-    weights = check_weights(read_weights(src, progress), kept, dropped, src, dtype)
+    # closed on an error, so the progress bar ends its line before the error is printed
+    with closing(read_weights(src, progress)) as items:
+        weights = check_weights(items, kept, dropped, src, dtype)
     model = SharedLLM(cfg)
     model.load_weights(list(weights.items()))
     return model
@@ -119,7 +133,9 @@ def build_model(
         return stack_from_one(hf, weights.items(), stack, src, dtype)
     if not (src / "config.json").exists():
         raise ConversionError(f"{src} has no config.json")
-    hf = json.loads((src / "config.json").read_text())
+    hf = read_json(src / "config.json")
+    if not isinstance(hf, dict):
+        raise ConversionError(f"{src / 'config.json'} is not a JSON object")
     released = "num_cross_attn_layers" in hf
     if released and stack is not None:
         raise ConversionError(f"{src} is already a SharedLLM checkpoint: drop --stack-from-one")
@@ -179,7 +195,9 @@ def _save(tmp: Path, src: Path, model: SharedLLM, config: dict) -> None:
 
 def _write_atomically(out: Path, force: bool, write: Callable[[Path], None]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    _remove_stale_temporaries(out.parent)
+    prefix = f".{out.name}.{_TEMP_MARK}-{os.getpid()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
     try:
         write(tmp)
         if out.exists() and force:
@@ -192,3 +210,27 @@ def _write_atomically(out: Path, force: bool, write: Callable[[Path], None]) -> 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# Temporary folders are named .OUT.mlx-sharedllm-PID-RANDOM (plus .old for a replaced OUT), so
+# one left by a killed process (kill -9, power loss) can be told apart and removed later.
+_TEMP_MARK = "mlx-sharedllm"
+_TEMP_NAME = re.compile(rf"\..+\.{_TEMP_MARK}-(\d+)-\w+(\.old)?")
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary folders in `folder` whose writing process is gone."""
+    for entry in folder.iterdir():
+        match = _TEMP_NAME.fullmatch(entry.name)
+        if match and not _alive(int(match[1])) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True

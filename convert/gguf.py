@@ -1,14 +1,19 @@
 """Read LLaMA-architecture GGUF files (as llama.cpp writes them) into Hugging Face LLaMA form.
 
-Tensors and metadata come from ``mx.load``, so no torch and no ``gguf`` package is needed. The
-weights get HF names and dtypes, Q/K rows go back to HF order, and the tokenizer is rebuilt from
-the ``tokenizer.ggml.*`` metadata with the ``tokenizers`` library.
+Tensors and metadata come from ``mx.load``, so no torch and no ``gguf`` package is needed; the
+header is checked first (``gguf_header``), and the metadata after. The weights get HF names and
+dtypes, Q/K rows go back to HF order, and the tokenizer is rebuilt from the ``tokenizer.ggml.*``
+metadata with the ``tokenizers`` library. Every problem with the file is one ``CheckpointError``
+line naming it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,6 +28,9 @@ from tokenizers import (
     pre_tokenizers,
     processors,
 )
+
+from .files import CheckpointError
+from .gguf_header import check_gguf_header
 
 __all__ = ["read_gguf", "save_gguf_tokenizer"]
 
@@ -50,6 +58,27 @@ _REQUIRED_KEYS = (
     "llama.attention.layer_norm_rms_epsilon",
     "llama.context_length",
 )
+# optional and required llama.* metadata, by the kind of value it must hold
+_COUNTS = (
+    "llama.embedding_length",
+    "llama.block_count",
+    "llama.feed_forward_length",
+    "llama.attention.head_count",
+    "llama.attention.head_count_kv",
+    "llama.attention.key_length",
+    "llama.rope.dimension_count",
+    "llama.context_length",
+    "llama.vocab_size",
+    "llama.rope.scaling.original_context_length",
+)
+_REALS = (
+    "llama.attention.layer_norm_rms_epsilon",
+    "llama.rope.freq_base",
+    "llama.rope.scaling.factor",
+)
+_MAX_COUNT = 2**31 - 1  # MLX shapes are int32
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id")
+_FLAGS = ("add_bos_token", "add_eos_token", "add_space_prefix")
 # every block type mx.load returns quantized (Q4_0, Q4_1, Q8_0) packs 32 values per block
 _GROUP_SIZE = 32
 
@@ -80,13 +109,15 @@ def read_gguf(
     only when the file has output.weight (else hf_config['tie_word_embeddings'] = True).
     Quantized tensors (Q4_0/Q4_1/Q8_0, which mx.load returns as MLX affine weight/scales/biases)
     are dequantized with mx.dequantize and cast to `dtype` (None keeps float tensors as stored)."""
-    tensors, metadata = _load(path)
-    config = _hf_config(metadata, tensors)
-    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
-    weights = {}
-    for name, weight in _dequantized(tensors, dtype).items():
-        n_head = heads.get(name.split(".")[-2])
-        weights[_hf_name(name)] = weight if n_head is None else _unpermute(weight, n_head)
+    path = Path(path)
+    with _naming(path):
+        tensors, metadata = _load(path)
+        config = _hf_config(metadata, tensors)
+        heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+        weights = {}
+        for name, weight in _dequantized(tensors, dtype).items():
+            n_head = heads.get(name.split(".")[-2])
+            weights[_hf_name(name)] = weight if n_head is None else _unpermute(name, weight, n_head)
     mx.eval(weights)
     return config, weights
 
@@ -95,28 +126,83 @@ def save_gguf_tokenizer(path: str | Path, out_dir: str | Path) -> None:
     """Write the tokenizer stored in the GGUF file to out_dir as HF tokenizer files
     (tokenizer.json + tokenizer_config.json, incl. chat_template if the GGUF has one and
     bos/eos tokens), so that mlx_lm.utils.load_tokenizer(out_dir) loads it."""
-    _, metadata = _load(path)
+    path = Path(path)
+    with _naming(path):
+        _, metadata = _load(path)
+        if "tokenizer.ggml.model" not in metadata:
+            raise CheckpointError("has no tokenizer (no tokenizer.ggml.model metadata)")
+        tokenizer = _tokenizer(metadata)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _tokenizer(metadata).save(str(out / "tokenizer.json"))
+    tokenizer.save(str(out / "tokenizer.json"))
     config = json.dumps(_tokenizer_config(metadata), indent=2, ensure_ascii=False)
     (out / "tokenizer_config.json").write_text(config + "\n", encoding="utf-8")
 
 
-def _load(path: str | Path) -> tuple[dict[str, mx.array], dict]:
-    """Tensors and metadata (scalars as Python values) of a LLaMA GGUF file."""
-    tensors, metadata = mx.load(str(path), return_metadata=True)
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Prefix the file's name to the CheckpointErrors raised inside."""
+    try:
+        yield
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _load(path: Path) -> tuple[dict[str, mx.array], dict]:
+    """Tensors and metadata (scalars as Python values) of a LLaMA GGUF file, checked."""
+    names = check_gguf_header(path)
+    try:
+        tensors, metadata = mx.load(str(path), return_metadata=True)
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"unreadable GGUF file ({e})") from None
     metadata = {
         key: _scalar(value) if isinstance(value, mx.array) and value.ndim == 0 else value
         for key, value in metadata.items()
     }
     architecture = metadata.get("general.architecture")
-    if architecture != "llama":
-        raise ValueError(f"unsupported GGUF architecture {architecture!r}: only 'llama' is read")
+    if not isinstance(architecture, str) or architecture != "llama":
+        raise CheckpointError(
+            f"unsupported GGUF architecture {architecture!r:.50}: only 'llama' is read"
+        )
     missing = [key for key in _REQUIRED_KEYS if key not in metadata]
     if missing:
-        raise ValueError(f"GGUF file {path} lacks metadata {missing}")
+        raise CheckpointError(f"lacks metadata {missing}")
+    for name in names:
+        _hf_name(name)  # before _dequantized could take a stored "x.scales" for a quantized x's
+    if "tokenizer.ggml.model" in metadata:
+        _check_tokenizer(metadata)
     return tensors, metadata
+
+
+def _check_model_metadata(md: dict, tensors: dict[str, mx.array]) -> None:
+    """Refuse llama.* values the config cannot be built from."""
+    if "token_embd.weight" not in tensors:
+        raise CheckpointError("lacks the token_embd.weight tensor")
+    for key in _COUNTS:
+        value = md.get(key, 1)
+        if type(value) is not int or not 0 < value <= _MAX_COUNT:
+            raise CheckpointError(f"metadata {key} is {value!r:.50}, not a positive integer")
+    for key in _REALS:
+        value = md.get(key, 1.0)
+        if type(value) not in (int, float) or not (math.isfinite(value) and value > 0):
+            raise CheckpointError(f"metadata {key} is {value!r:.50}, not a positive number")
+    scaling = md.get("llama.rope.scaling.type", "none")
+    if not isinstance(scaling, str):
+        raise CheckpointError("metadata llama.rope.scaling.type is not a string")
+    if scaling != "none" and "llama.rope.scaling.factor" not in md:
+        raise CheckpointError(
+            f"metadata llama.rope.scaling.type is {scaling!r:.50} without a factor"
+        )
+    hidden, heads = md["llama.embedding_length"], md["llama.attention.head_count"]
+    if heads % md.get("llama.attention.head_count_kv", heads):
+        raise CheckpointError(f"head_count {heads} is not a multiple of head_count_kv")
+    if "llama.attention.key_length" not in md and hidden % heads:
+        raise CheckpointError(f"embedding_length {hidden} is not a multiple of head_count {heads}")
+    # each block has its own tensors; more blocks than tensors would only build huge tables
+    if md["llama.block_count"] > len(tensors):
+        raise CheckpointError(
+            f"block_count {md['llama.block_count']} exceeds its {len(tensors)} tensors"
+        )
 
 
 def _scalar(value: mx.array) -> bool | int | float:
@@ -129,10 +215,11 @@ def _scalar(value: mx.array) -> bool | int | float:
 
 def _hf_config(md: dict, tensors: dict[str, mx.array]) -> dict:
     """An HF LlamaConfig dict (as mlx-lm's llama ModelArgs reads it) from llama.* metadata."""
+    _check_model_metadata(md, tensors)
     hidden, heads = md["llama.embedding_length"], md["llama.attention.head_count"]
     head_dim = md.get("llama.attention.key_length", hidden // heads)
     if md.get("llama.rope.dimension_count", head_dim) != head_dim:
-        raise ValueError("GGUF rope.dimension_count != head_dim: partial RoPE is not supported")
+        raise CheckpointError("rope.dimension_count != head_dim: partial RoPE is not supported")
     config = {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
@@ -171,7 +258,7 @@ def _hf_name(name: str) -> str:
     base = name.removesuffix(".weight")
     if base != name and base in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[base]}.weight"
-    raise ValueError(f"unknown GGUF tensor {name!r}: no Hugging Face LLaMA name for it")
+    raise CheckpointError(f"unknown GGUF tensor {name!r:.100}: no Hugging Face LLaMA name for it")
 
 
 def _dequantized(tensors: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.array]:
@@ -182,6 +269,8 @@ def _dequantized(tensors: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[s
         if kind in ("scales", "biases") and f"{base}.weight" in tensors:
             continue
         if f"{base}.scales" in tensors:
+            if weight.ndim < 2:  # llama.cpp quantizes only matrices; mx.dequantize needs one
+                raise CheckpointError(f"{name} is quantized but has one dimension")
             scales = tensors[f"{base}.scales"]
             # scale/bias in the target dtype, so float32 results are not rounded through float16
             target = dtype or scales.dtype
@@ -196,8 +285,10 @@ def _dequantized(tensors: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[s
     return out
 
 
-def _unpermute(weight: mx.array, n_head: int) -> mx.array:
+def _unpermute(name: str, weight: mx.array, n_head: int) -> mx.array:
     """Undo llama.cpp's per-head Q/K row interleave, for HF's rotate-half RoPE."""
+    if weight.ndim != 2 or weight.shape[0] % (2 * n_head):
+        raise CheckpointError(f"{name} of shape {weight.shape} does not split into {n_head} heads")
     rows, cols = weight.shape
     halves = weight.reshape(n_head, rows // n_head // 2, 2, cols)
     return halves.swapaxes(1, 2).reshape(rows, cols)
@@ -209,10 +300,8 @@ def _tokenizer(md: dict) -> Tokenizer:
     tokens, types = md["tokenizer.ggml.tokens"], md["tokenizer.ggml.token_type"].tolist()
     if kind == "gpt2":
         tokenizer = _byte_level_bpe(md, tokens)
-    elif kind == "llama":
-        tokenizer = _sentencepiece_bpe(md, tokens, types)
     else:
-        raise ValueError(f"unsupported GGUF tokenizer model {kind!r}: only 'gpt2' and 'llama'")
+        tokenizer = _sentencepiece_bpe(md, tokens, types)
     tokenizer.add_special_tokens(
         [
             AddedToken(t, special=True, normalized=False)
@@ -229,13 +318,68 @@ def _tokenizer(md: dict) -> Tokenizer:
     return tokenizer
 
 
+def _check_tokenizer(md: dict) -> None:
+    """Refuse tokenizer.ggml.* values that would make building the tokenizer fail (or panic, as
+    the tokenizers library does on a merge whose result is not a token)."""
+    kind = md["tokenizer.ggml.model"]
+    if not isinstance(kind, str) or kind not in ("gpt2", "llama"):
+        raise CheckpointError(f"unsupported tokenizer model {kind!r:.50}: only 'gpt2' and 'llama'")
+    tokens = md.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise CheckpointError("tokenizer.ggml.tokens is not a list of strings")
+    _check_per_token(md, "token_type", mx.integer, len(tokens))
+    if kind == "llama":
+        _check_per_token(md, "scores", mx.floating, len(tokens))
+    for key in _TOKEN_IDS:
+        value = md.get(f"tokenizer.ggml.{key}", 0)
+        if type(value) is not int or not 0 <= value < len(tokens):
+            raise CheckpointError(
+                f"tokenizer.ggml.{key} {value!r:.50} is not one of the {len(tokens)} token ids"
+            )
+    for key in _FLAGS:
+        if not isinstance(md.get(f"tokenizer.ggml.{key}", False), bool):
+            raise CheckpointError(f"tokenizer.ggml.{key} is not a bool")
+    add_bos = md.get("tokenizer.ggml.add_bos_token", kind == "llama")
+    for needed, key in (
+        (add_bos, "bos_token_id"),
+        (md.get("tokenizer.ggml.add_eos_token"), "eos_token_id"),
+    ):
+        if needed and f"tokenizer.ggml.{key}" not in md:
+            raise CheckpointError(f"tokenizer adds a token but has no tokenizer.ggml.{key}")
+    if not isinstance(md.get("tokenizer.chat_template", ""), str):
+        raise CheckpointError("tokenizer.chat_template is not a string")
+    if kind == "gpt2":
+        _check_byte_level(md, set(tokens))
+
+
+def _check_per_token(md: dict, key: str, kind: mx.DtypeCategory, n_tokens: int) -> None:
+    value = md.get(f"tokenizer.ggml.{key}")
+    if not (
+        isinstance(value, mx.array)
+        and value.shape == (n_tokens,)
+        and mx.issubdtype(value.dtype, kind)
+    ):
+        raise CheckpointError(f"tokenizer.ggml.{key} is not an array with one value per token")
+
+
+def _check_byte_level(md: dict, vocab: set[str]) -> None:
+    pre = md.get("tokenizer.ggml.pre")
+    if not isinstance(pre, str) or pre not in _BYTE_LEVEL_SPLITS:
+        raise CheckpointError(
+            f"unsupported pre-tokenizer {pre!r:.50}: supported {sorted(_BYTE_LEVEL_SPLITS)}"
+        )
+    merges = md.get("tokenizer.ggml.merges")
+    if not isinstance(merges, list):
+        raise CheckpointError("tokenizer.ggml.merges is not a list of strings")
+    for merge in merges:
+        parts = merge.split(" ") if isinstance(merge, str) else []
+        if len(parts) != 2 or not {*parts, "".join(parts)} <= vocab:
+            raise CheckpointError(f"merge {merge!r:.100} is not two tokens that make a token")
+
+
 def _byte_level_bpe(md: dict, tokens: list[str]) -> Tokenizer:
     """GPT-2 style byte-level BPE: the file lists merges, tokens already in byte alphabet."""
-    pre = md.get("tokenizer.ggml.pre")
-    if pre not in _BYTE_LEVEL_SPLITS:
-        raise ValueError(
-            f"unsupported GGUF pre-tokenizer {pre!r}: supported {sorted(_BYTE_LEVEL_SPLITS)}"
-        )
+    pre = md["tokenizer.ggml.pre"]
     merges = [tuple(merge.split(" ")) for merge in md["tokenizer.ggml.merges"]]
     vocab = {token: i for i, token in enumerate(tokens)}
     tokenizer = Tokenizer(models.BPE(vocab, merges))

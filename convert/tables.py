@@ -9,11 +9,12 @@ import mlx.core as mx
 from mlx_lm.models.llama import ModelArgs as LlamaArgs
 
 from ..config import head_dim
+from .files import OneLineError
 
 Shape = tuple[int, ...]
 
 
-class ConversionError(ValueError):
+class ConversionError(OneLineError):
     """The source checkpoint does not match what the converter expects."""
 
 
@@ -66,20 +67,29 @@ def check_weights(
     src: Path,
     dtype: mx.Dtype | None,
 ) -> dict[str, mx.array]:
-    """Check every weight's name and shape against the table; drop the dropped; cast."""
+    """Check every weight's name, shape and dtype against the table; drop the dropped; cast."""
     weights: dict[str, mx.array] = {}
     for name, value in items:
         expected = kept.get(name, dropped.get(name))
         if expected is None:
-            raise ConversionError(f"unknown weight {name!r} in {src}")
+            raise ConversionError(f"unknown weight {name!r:.100} in {src}")
         if tuple(value.shape) != expected:
             raise ConversionError(
                 f"weight {name!r} has shape {tuple(value.shape)}, expected {expected}"
             )
         if name in kept:
-            weights[name] = value.astype(dtype) if dtype is not None else value
+            weights[name] = _float_weight(name, value, src, dtype)
     missing = sorted(set(kept) - set(weights))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise ConversionError(f"missing weight {missing[0]!r}{more} in {src}")
     return weights
+
+
+def _float_weight(name: str, value: mx.array, src: Path, dtype: mx.Dtype | None) -> mx.array:
+    """``value`` cast to ``dtype``; every weight the model keeps is a float, and an integer one
+    (a float tensor relabelled, say) would be cast silently into nonsense."""
+    if not mx.issubdtype(value.dtype, mx.floating):
+        dtype_name = str(value.dtype).removeprefix("mlx.core.")
+        raise ConversionError(f"weight {name!r} in {src} is {dtype_name}, not a float type")
+    return value.astype(dtype) if dtype is not None else value

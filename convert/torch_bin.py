@@ -11,9 +11,10 @@ from __future__ import annotations
 import _compat_pickle
 import collections
 import io
-import json
 import math
 import pickle
+import pickletools
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -23,6 +24,8 @@ from typing import Any, NamedTuple
 import mlx.core as mx
 import numpy as np
 
+from .files import MAX_HEADER_BYTES, CheckpointError, check_file, read_weight_map
+
 __all__ = [
     "CheckpointError",
     "UnsafeCheckpointError",
@@ -30,10 +33,6 @@ __all__ = [
     "load_sharded_bin",
     "load_torch_bin",
 ]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is unreadable, malformed, or inconsistent with its index."""
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -74,6 +73,16 @@ _STORAGE_CLASSES = {
     "UntypedStorage": "uint8",
 }
 
+_MAX_DIM = 2**31 - 1  # MLX shapes are int32
+# bound on offsets and strides (in elements): far beyond any real tensor, and small enough that
+# strides in bytes fit numpy's int64
+_MAX_INDEX = 2**48
+# tied weights view one storage several times (T5 ties four), so tensors may hold that many
+# times the bytes of their storages, and no more
+_MAX_VIEWS = 4
+
+_ENCRYPTED = 0x1  # zip general purpose flag
+
 # torch < 1.6 wrote a bare pickle stream that starts by pickling this magic number
 _LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
@@ -87,6 +96,8 @@ _CORRUPT_ERRORS = (
     TypeError,
     KeyError,
     IndexError,
+    OverflowError,
+    OSError,
     AttributeError,
     NotImplementedError,
     RecursionError,
@@ -223,26 +234,56 @@ def _record_prefix(zf: zipfile.ZipFile) -> str:
 
 
 def _check_layout(name: str, t: _Tensor, storage_numel: int) -> None:
-    """Refuse layouts that would make ``as_strided`` read outside the storage."""
-    dims = (t.offset, *t.size, *t.stride)
-    if len(t.size) != len(t.stride) or not all(type(d) is int and d >= 0 for d in dims):
+    """Refuse layouts that would make ``as_strided`` read outside the storage, or that repeat
+    its elements into a tensor larger than the storage (a tiny file would then fill memory)."""
+    ints = (t.offset, *t.size, *t.stride)
+    if (
+        len(t.size) != len(t.stride)
+        or not all(type(d) is int and 0 <= d <= _MAX_INDEX for d in ints)
+        or max(t.size, default=0) > _MAX_DIM
+    ):
         raise CheckpointError(f"tensor {name!r} has an invalid layout {t.size} / {t.stride}")
+    numel = math.prod(t.size)
+    if numel > storage_numel:
+        raise CheckpointError(
+            f"tensor {name!r} has {numel} elements, more than the {storage_numel} of its storage"
+        )
     last = t.offset + sum((n - 1) * s for n, s in zip(t.size, t.stride, strict=True))
-    if math.prod(t.size) and last >= storage_numel:
+    if numel and last >= storage_numel:
         raise CheckpointError(f"tensor {name!r} reaches past the end of its storage")
+
+
+def _check_pickle(pickled: bytes) -> None:
+    """Refuse a pickle whose lengths or memo indices reach past its own size: the C unpickler
+    allocates what they claim before it finds the data missing. (``genops`` reads lengths
+    without allocating them, and raises ValueError for one past the end.)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # on a bad escape in a text string
+        for opcode, arg, _ in pickletools.genops(pickled):
+            if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and arg >= len(pickled):
+                raise CheckpointError(f"pickle memo index {arg} is past its {len(pickled)} bytes")
+
+
+def _nbytes(storage: _Storage) -> int:
+    return storage.numel * np.dtype(_DTYPES[storage.dtype][0]).itemsize
 
 
 class _Archive:
     """An open torch zip checkpoint: unpickles ``data.pkl`` and reads storage records."""
 
-    def __init__(self, zf: zipfile.ZipFile) -> None:
+    def __init__(self, zf: zipfile.ZipFile, size: int) -> None:
         self._zf = zf
+        self._unread = size  # bytes of the file that no record read so far has claimed
         self._prefix = _record_prefix(zf)
         self._byteorder = self._read_byteorder()
         self._records: dict[str, bytes] = {}
+        self._storage_bytes = 0  # of the distinct records read
+        self._tensor_bytes = 0  # of the tensors built from them
 
     def load(self) -> dict[str, mx.array]:
-        obj = _RestrictedUnpickler(io.BytesIO(self._zf.read(f"{self._prefix}/data.pkl"))).load()
+        pickled = self._read("data.pkl", MAX_HEADER_BYTES)
+        _check_pickle(pickled)
+        obj = _RestrictedUnpickler(io.BytesIO(pickled)).load()
         if not isinstance(obj, dict):
             raise CheckpointError(f"expected a dict of tensors, found {type(obj).__name__}")
         tensors = {}
@@ -254,9 +295,29 @@ class _Archive:
             tensors[name] = self._tensor(name, value)
         return tensors
 
+    def _read(self, name: str, limit: int) -> bytes:
+        """Record ``name``, refused before it is read if it claims more than ``limit`` bytes."""
+        info = self._zf.getinfo(f"{self._prefix}/{name}")
+        if info.flag_bits & _ENCRYPTED:
+            raise CheckpointError(f"record {name!r:.100} is encrypted")
+        if info.compress_type != zipfile.ZIP_STORED:
+            # torch.save never compresses, and a compressed record could inflate without bound
+            raise CheckpointError(f"record {name!r:.100} is compressed; torch.save never does that")
+        if info.file_size > limit:
+            raise CheckpointError(
+                f"record {name!r:.100} holds {info.file_size} bytes, more than the {limit} expected"
+            )
+        # stored records are disjoint stretches of the file, so together they fit in it
+        if info.file_size > self._unread:
+            raise CheckpointError(
+                f"record {name!r:.100} overlaps others: together they claim more than the file"
+            )
+        self._unread -= info.file_size
+        return self._zf.read(info)
+
     def _read_byteorder(self) -> str:
         try:
-            order = self._zf.read(f"{self._prefix}/byteorder").decode().strip()
+            order = self._read("byteorder", 16).decode().strip()
         except KeyError:
             return "little"  # older torch wrote no byteorder record; those files are little-endian
         if order not in ("little", "big"):
@@ -264,15 +325,16 @@ class _Archive:
         return order
 
     def _record(self, storage: _Storage) -> bytes:
+        expected = _nbytes(storage)
         if storage.key not in self._records:
-            raw = self._zf.read(f"{self._prefix}/data/{storage.key}")
-            expected = storage.numel * np.dtype(_DTYPES[storage.dtype][0]).itemsize
-            if len(raw) != expected:
-                raise CheckpointError(
-                    f"storage {storage.key!r} has {len(raw)} bytes, expected {expected}"
-                )
-            self._records[storage.key] = raw
-        return self._records[storage.key]
+            self._records[storage.key] = self._read(f"data/{storage.key}", expected)
+            self._storage_bytes += len(self._records[storage.key])
+        raw = self._records[storage.key]
+        if len(raw) != expected:
+            raise CheckpointError(
+                f"storage {storage.key!r} has {len(raw)} bytes, expected {expected}"
+            )
+        return raw
 
     def _tensor(self, name: str, t: _Tensor) -> mx.array:
         """Copy tensor ``t``'s strided view out of its storage into an ``mx.array``."""
@@ -280,8 +342,9 @@ class _Archive:
             raise CheckpointError(f"tensor {name!r} has no storage")
         np_dtype, mx_dtype = _DTYPES[t.dtype]
         dtype = np.dtype(np_dtype).newbyteorder("<" if self._byteorder == "little" else ">")
+        _check_layout(name, t, _nbytes(t.storage) // dtype.itemsize)
         flat = np.frombuffer(self._record(t.storage), dtype)
-        _check_layout(name, t, flat.size)
+        self._count(name, math.prod(t.size) * dtype.itemsize)
         strides = [s * dtype.itemsize for s in t.stride]
         view = np.lib.stride_tricks.as_strided(flat[t.offset :], t.size, strides, writeable=False)
         # copies only when needed: to densify a strided view or byte-swap to native order
@@ -289,6 +352,16 @@ class _Archive:
         if mx_dtype == mx.bfloat16:
             return mx.array(host).view(mx.bfloat16)
         return mx.array(host, dtype=mx_dtype)  # explicit, else mx narrows float64 to float32
+
+    def _count(self, name: str, nbytes: int) -> None:
+        """Refuse a tensor that would make the file's tensors outgrow their storages
+        _MAX_VIEWS times: names are cheap in a pickle, and each full view of a storage is a copy."""
+        self._tensor_bytes += nbytes
+        if self._tensor_bytes > _MAX_VIEWS * self._storage_bytes:
+            raise CheckpointError(
+                f"tensor {name!r} brings the tensors to {self._tensor_bytes} bytes, more than "
+                f"{_MAX_VIEWS} times the {self._storage_bytes} bytes of the storages they view"
+            )
 
 
 def load_torch_bin(path: str | Path) -> dict[str, mx.array]:
@@ -299,8 +372,9 @@ def load_torch_bin(path: str | Path) -> dict[str, mx.array]:
     """
     path = Path(path)
     try:
+        size = check_file(path)
         with _open_zip(path) as zf:
-            return _Archive(zf).load()
+            return _Archive(zf, size).load()
     except CheckpointError as e:
         raise type(e)(f"{path}: {e}") from None
     except _CORRUPT_ERRORS as e:
@@ -317,17 +391,8 @@ def iter_torch_bin_files(
 
 def _shard_keys(index_path: Path) -> dict[str, list[str]]:
     """Read a ``pytorch_model.bin.index.json`` into ``{shard file: [tensor names]}``."""
-    try:
-        index = json.loads(index_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{index_path}: invalid JSON ({e})") from e
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-    ):
-        raise CheckpointError(f"{index_path}: no 'weight_map' of tensor name -> shard file")
     shards: dict[str, list[str]] = {}
-    for name, shard in weight_map.items():
+    for name, shard in read_weight_map(index_path, ".bin").items():
         shards.setdefault(shard, []).append(name)
     return shards
 

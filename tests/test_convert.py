@@ -1,9 +1,12 @@
 """The converter: formats, the weight table's errors, atomic output, dtypes, quantization."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -100,6 +103,55 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         checkpoint.convert(FIXTURES / "n1_gqa" / "checkpoint", tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+# Converts argv[1] to argv[2], pausing with a file in the temporary output folder.
+PAUSED_CONVERSION = """
+import sys, time
+import mlx_sharedllm
+from mlx_sharedllm.convert import checkpoint
+from mlx_sharedllm.cli.main import cli
+
+def paused_save(folder, model):
+    (folder / "paused").write_text("")
+    time.sleep(120)
+
+checkpoint.save_model = paused_save
+cli(["convert", *sys.argv[1:]])
+"""
+
+
+def _paused_conversion(tmp_path):
+    out = tmp_path / "out"
+    args = [sys.executable, "-c", PAUSED_CONVERSION, str(FIXTURES / "n1_gqa" / "checkpoint")]
+    proc = subprocess.Popen([*args, str(out)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.*/paused")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return proc, out
+
+
+def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path):
+    proc, _ = _paused_conversion(tmp_path)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.rstrip().endswith("interrupted") and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_conversions_temporary_folder_is_removed_later(tmp_path):
+    proc, out = _paused_conversion(tmp_path)
+    proc.kill()
+    proc.communicate()
+    (stale,) = tmp_path.iterdir()
+    assert stale.name.startswith(".out.")
+    live = tmp_path / f".other.mlx-sharedllm-{os.getpid()}-abcd1234"  # this process's: kept
+    live.mkdir()
+    convert_case("n1_gqa", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "out"]
 
 
 def _prompt_logits(path, case):

@@ -14,6 +14,7 @@ from mlx_lm.utils import load_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mlx_sharedllm.assets import DEFAULT_GGUF, fetch
+from mlx_sharedllm.convert import gguf
 from mlx_sharedllm.convert.gguf import read_gguf, save_gguf_tokenizer
 
 LAYERS, HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 2, 32, 64, 4, 2, 8, 64
@@ -182,6 +183,7 @@ def test_quantized_tensors_are_dequantized(monkeypatch):
             f"{base}.biases": biases.astype(mx.float16),
         }
     monkeypatch.setattr(mx, "load", lambda path, return_metadata: (tensors, llama_metadata()))
+    monkeypatch.setattr(gguf, "check_gguf_header", lambda path: list(to_gguf(hf)))
 
     _, weights = read_gguf("quantized.gguf")
 
