@@ -23,7 +23,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cache import TreeFormat
 from .model import SharedLLM
-from .reread import Passage, choose, token_terms
+from .reread import Passage, choose, focus, rare_words, token_terms
 from .selection import select_chunks as select_tree_chunks
 from .tree import ContextTree
 
@@ -266,7 +266,8 @@ def reread_passages(
 ) -> tuple[list[Passage], np.ndarray]:
     """The passages of the context (the tree's tokens, then the remainder) that the
     question points at, and the running text that reads them: in the user's message ahead
-    of the question (a prompt given as token ids gets them ahead of it, untemplated).
+    of the question, each passage cut down to its sentences that hold the question's
+    rare words (a prompt given as token ids gets whole passages ahead of it, untemplated).
 
     `running` is the text the model reads before answering (the tree's remainder, then
     the encoded prompt), whose last token asks the heads where to look.
@@ -284,7 +285,10 @@ def reread_passages(
         sep = np.asarray(tokenizer.encode(REREAD_SEPARATOR, add_special_tokens=False), np.int32)
         parts = [x for piece in pieces for x in (piece, sep)]
         return passages, np.concatenate([*parts, question]).astype(np.int32)
-    text = REREAD_SEPARATOR.join(tokenizer.decode(piece.tolist()).strip() for piece in pieces)
+    words = rare_words(prompt, tokenizer.decode(context.tolist()))
+    text = REREAD_SEPARATOR.join(
+        focus(tokenizer.decode(piece.tolist()).strip(), words) for piece in pieces
+    )
     message = REREAD_MESSAGE.format(passages=text, prompt=prompt)
     return passages, encode_prompt(tokenizer, message, chat_template)
 

@@ -27,7 +27,9 @@ from mlx_sharedllm.reread import (
     choose,
     choose_passages,
     combine,
+    focus,
     lexical_scores,
+    rare_words,
     tokens_in_order,
 )
 from mlx_sharedllm.selection import keep_chunks
@@ -137,6 +139,26 @@ def test_the_remainder_is_a_candidate_too():
     assert passages[-1] == Passage(4 * 64, 4 * 64 + len(remainder))
 
 
+def test_rare_words_are_the_questions_words_the_context_seldom_uses():
+    context = "The old mill stood by the river. " * 30 + "Marchetti kept crate 654 there."
+    words = rare_words("Which crate did Marchetti keep by the old mill? Be brief.", context)
+    # 'the', 'old', 'mill' stand 30+ times; 'be' is too short; absent words stay (harmless)
+    assert words == {"which", "crate", "did", "marchetti", "keep", "brief"}
+    assert rare_words("Ça va, Zoë?", "zoë est là.") == {"zoë"}
+
+
+def test_focus_keeps_the_sentences_with_rare_words_or_the_whole_passage():
+    passage = (
+        "It rained all week. The Marchetti aviary is listed under folio 654! Nobody came.\n\n"
+        "Dinner was at 8; the soup was cold. Was Marchetti there? No."
+    )
+    assert focus(passage, {"marchetti"}) == (
+        "The Marchetti aviary is listed under folio 654! Was Marchetti there?"
+    )
+    assert focus(passage, {"zeppelin"}) == passage
+    assert focus(passage, set()) == passage
+
+
 def test_generate_reads_the_passages_in_the_users_message(loaded, book):  # noqa: F811
     model, tokenizer = loaded
     text = book.read_text()
@@ -154,7 +176,10 @@ def test_generate_reads_the_passages_in_the_users_message(loaded, book):  # noqa
     passages, window = reread_passages(model, tokenizer, tree, running, prompt, budget)
     assert tuple(passages) == last.passages
     context = np.concatenate([np.array(tree.tokens).reshape(-1), np.array(tree.remainder)])
-    pieces = [tokenizer.decode(context[p.start : p.end].tolist()).strip() for p in passages]
+    words = rare_words(prompt, tokenizer.decode(context.tolist()))
+    pieces = [
+        focus(tokenizer.decode(context[p.start : p.end].tolist()).strip(), words) for p in passages
+    ]
     message = REREAD_MESSAGE.format(passages=REREAD_SEPARATOR.join(pieces), prompt=prompt)
     expected = encode_prompt(tokenizer, message)
     assert np.array_equal(window, expected)
