@@ -1,12 +1,25 @@
 """SharedLLM in MLX: read contexts longer than the model's window through a context tree."""
 
+import importlib
+from typing import Any
+
 from ._blas import preload_openblas
 
 OPENBLAS = preload_openblas()
 
-from .config import SharedLLMConfig  # noqa: E402  (after the BLAS preload)
-from .loading import load, load_context  # noqa: E402
-from .model import SharedLLM  # noqa: E402
-from .tree import ContextTree  # noqa: E402
+# Loaded on first use, so that `import mlx_sharedllm` (and the CLI's entry point, which
+# handles Ctrl-C) starts at once; MLX and mlx-lm load with the first of these.
+_LAZY = {
+    "ContextTree": ".tree",
+    "SharedLLM": ".model",
+    "SharedLLMConfig": ".config",
+    "load": ".loading",
+    "load_context": ".loading",
+}
+__all__ = sorted(_LAZY)
 
-__all__ = ["ContextTree", "SharedLLM", "SharedLLMConfig", "load", "load_context"]
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -140,3 +140,28 @@ def test_stdin_is_tokenized_as_the_file_is(spm_model, book):  # noqa: F811
     given = invoke(*args, "--file", str(book))
     assert piped.exit_code == 0, piped.output
     assert piped.stdout == given.stdout
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.6])
+def test_ctrl_c_while_the_command_starts_exits_130_without_a_traceback(delay):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def default_sigint():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlx_sharedllm", "--help"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=default_sigint,
+    )
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    if process.returncode == 0:  # it finished first: nothing to interrupt
+        return
+    assert process.returncode == 130, err.decode()
+    assert b"Traceback" not in err and b"interrupted" in err
