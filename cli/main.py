@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -13,11 +14,26 @@ from ..convert.checkpoint import DTYPES, convert
 from ..convert.stack import INITS, StackOptions, parse_heads
 from ..convert.tables import ConversionError
 from ..convert.torch_bin import CheckpointError
+from ..plan import MAX_TOKENS
 from .inputs import InputError, read_prompt, read_text_file
 from .plan_cli import plan_command
 from .train_cli import fuse_command, train_command
 
 EXIT_INTERRUPTED = 130
+
+
+class FiniteRange(click.FloatRange):
+    """A float range that also refuses nan and inf (which compare false with any bound)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number", param, ctx)
+        return number
+
+
+FINITE = FiniteRange(min=0)
+FRACTION = FiniteRange(0, 1)
 
 
 @click.group()
@@ -170,13 +186,15 @@ def default_model_command() -> None:
     default=None,
     help="A converted model folder or Hub repo (default: embedded SmolLM2-135M).",
 )
-@click.option("--max-tokens", type=int, default=256, show_default=True)
-@click.option("--temp", type=float, default=0.0, show_default=True)
-@click.option("--top-p", type=float, default=0.0, show_default=True, help="0 disables.")
-@click.option("--min-p", type=float, default=0.0, show_default=True, help="0 disables.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="0 disables.")
-@click.option("--repetition-penalty", type=float, default=None)
-@click.option("--seed", type=int, default=None)
+@click.option("--max-tokens", type=click.IntRange(1, MAX_TOKENS), default=256, show_default=True)
+@click.option("--temp", type=FINITE, default=0.0, show_default=True)
+@click.option("--top-p", type=FRACTION, default=0.0, show_default=True, help="0 disables.")
+@click.option("--min-p", type=FRACTION, default=0.0, show_default=True, help="0 disables.")
+@click.option(
+    "--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 disables."
+)
+@click.option("--repetition-penalty", type=FiniteRange(min=0, min_open=True), default=None)
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=None)
 @click.option(
     "--chat-template/--no-chat-template",
     default=None,

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from ..plan import SHAPES, fit_line, memory_budget, plan_for_model_dir, plan_for_shape
+from ..plan import (
+    MAX_TOKENS,
+    SHAPES,
+    fit_line,
+    memory_budget,
+    plan_for_model_dir,
+    plan_for_shape,
+)
 
 BITS = click.Choice(["4", "8"])
 
@@ -24,7 +31,7 @@ def _bits(value: str | None) -> int | None:
     help="A converted model folder (only config.json and the weight headers are read).",
 )
 @click.option("--shape", type=click.Choice(sorted(SHAPES)), default=None, help="A named shape.")
-@click.option("--context-tokens", type=click.IntRange(min=0), required=True)
+@click.option("--context-tokens", type=click.IntRange(0, MAX_TOKENS), required=True)
 @click.option(
     "--weight-bits",
     type=click.Choice(["2", "3", "4", "5", "6", "8", "16", "32"]),
@@ -42,7 +49,7 @@ def _bits(value: str | None) -> int | None:
 )
 @click.option(
     "--running-tokens",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_TOKENS),
     default=None,
     help="The upper model's window: remainder + prompt + generated (default chunk_len + 1024).",
 )

@@ -15,6 +15,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .cache import FLOAT_DTYPES, all_finite
+from .config import check_log_scale, check_reread_tokens, check_select_chunks
 from .model import SharedLLM
 
 ADAPTER_FORMAT = "mlx-sharedllm-adapter/1"
@@ -22,6 +24,12 @@ ADAPTER_WEIGHTS, ADAPTER_JSON = "adapter.safetensors", "adapter.json"
 ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_JSON)
 # What can train: the injection blocks, the upper model's top N-M layers, the output head.
 GROUPS = ("injection", "upper", "head")
+# The inference settings an adapter carries into the model's config, and their checks.
+SETTINGS = {
+    "log_scale_entries": check_log_scale,
+    "select_chunks": check_select_chunks,
+    "reread_tokens": check_reread_tokens,
+}
 
 
 def trainable_modules(
@@ -61,6 +69,19 @@ def set_trainable(
         raise ValueError(f"{groups} name no parameters of this model")
 
 
+def trainable_names(model: SharedLLM) -> set[str]:
+    """Every parameter that some training run can write (any of GROUPS): an adapter
+    holds only these."""
+    groups = GROUPS if not model.config.upper.tie_word_embeddings else GROUPS[:2]
+    chosen = {id(module) for module in trainable_modules(model, groups)}
+    return {
+        f"{path}.{name}"
+        for path, module in model.named_modules()
+        if id(module) in chosen
+        for name, _ in tree_flatten(module.parameters())
+    }
+
+
 def save_adapter(
     folder: str | Path, model: SharedLLM, base_fingerprint: str, extra: dict | None = None
 ) -> None:
@@ -83,7 +104,8 @@ def save_adapter(
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, mx.array]]:
-    """(metadata, weights) of an adapter folder, or of a file inside one."""
+    """(metadata, weights) of an adapter folder, or of a file inside one, refusing an
+    adapter whose weights are not those its metadata lists, or whose settings are invalid."""
     folder = Path(path)
     folder = folder.parent if folder.is_file() else folder
     try:
@@ -91,9 +113,49 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, mx.array]]
         weights = mx.load(str(folder / ADAPTER_WEIGHTS))
     except (OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{path} is not a readable adapter: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: {ADAPTER_JSON} must hold an object, not a {type(meta).__name__}")
     if meta.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{path} is not an adapter (format {meta.get('format')!r})")
+    try:
+        _check_listed(meta.get("parameters"), weights)
+        for name, check in SETTINGS.items():
+            check(meta.get(name, 0))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return meta, weights
+
+
+def _check_listed(listed: Any, weights: dict[str, mx.array]) -> None:
+    """The weights are exactly the parameters adapter.json lists, in the listed shapes."""
+    if not isinstance(listed, dict):
+        raise ValueError(f"{ADAPTER_JSON} lists no parameters")
+    missing, extra = sorted(set(listed) - set(weights)), sorted(set(weights) - set(listed))
+    if missing:
+        raise ValueError(f"the weights lack listed parameters {missing}")
+    if extra:
+        raise ValueError(f"the weights hold parameters it does not list: {extra}")
+    for name, value in weights.items():
+        if listed[name] != list(value.shape):
+            raise ValueError(f"{name} has shape {value.shape}, listed as {listed[name]}")
+
+
+def _check_weights(
+    params: dict[str, mx.array], trainable: set[str], weights: dict[str, mx.array]
+) -> None:
+    """Each weight is a parameter training writes, a finite float array of its shape."""
+    floats = set(FLOAT_DTYPES.values())
+    for name, value in weights.items():
+        if name not in params:
+            raise ValueError(f"the model has no parameter {name}")
+        if name not in trainable:
+            raise ValueError(f"{name} is not a parameter that training writes")
+        if value.shape != params[name].shape:
+            raise ValueError(f"{name} has shape {value.shape}, the model's is {params[name].shape}")
+        if value.dtype not in floats or params[name].dtype not in floats:
+            raise ValueError(f"{name} is {value.dtype}, the model's {params[name].dtype}")
+        if not all_finite(value):
+            raise ValueError(f"{name} holds inf or NaN")
 
 
 def load_adapter(
@@ -114,19 +176,15 @@ def load_adapter(
             f"{meta.get('base_fingerprint')}, this model is {ours})"
         )
     params = dict(tree_flatten(model.parameters()))
-    for name, value in weights.items():
-        if name not in params:
-            raise ValueError(f"{path}: the model has no parameter {name}")
-        if value.shape != params[name].shape:
-            raise ValueError(
-                f"{path}: {name} has shape {value.shape}, the model's is {params[name].shape}"
-            )
+    try:
+        _check_weights(params, trainable_names(model), weights)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     model.load_weights([(k, v.astype(params[k].dtype)) for k, v in weights.items()], strict=False)
     mx.eval(model.parameters())
     model.config.injection = "trained"
-    model.config.log_scale_entries = int(meta.get("log_scale_entries", 0))
-    model.config.select_chunks = int(meta.get("select_chunks", 0))
-    model.config.reread_tokens = int(meta.get("reread_tokens", 0))
+    for name in SETTINGS:
+        setattr(model.config, name, meta.get(name, 0))
     model.mark_idle_injections()
     return meta
 

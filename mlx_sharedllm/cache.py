@@ -29,11 +29,12 @@ class TreeFormat:
     group_size: int = 64
 
     def __post_init__(self) -> None:
-        if self.dtype not in FLOAT_DTYPES:
+        if not isinstance(self.dtype, str) or self.dtype not in FLOAT_DTYPES:
             raise ValueError(f"tree dtype must be one of {sorted(FLOAT_DTYPES)}, got {self.dtype}")
-        if self.bits is not None and self.bits not in TREE_BITS:
+        if self.bits is not None and (type(self.bits) is not int or self.bits not in TREE_BITS):
             raise ValueError(f"tree bits must be one of {TREE_BITS}, got {self.bits}")
-        if self.bits is not None and self.group_size not in TREE_GROUP_SIZES:
+        bad_group = type(self.group_size) is not int or self.group_size not in TREE_GROUP_SIZES
+        if self.bits is not None and bad_group:
             raise ValueError(
                 f"tree group size must be one of {TREE_GROUP_SIZES}, got {self.group_size}"
             )
@@ -45,6 +46,16 @@ class TreeFormat:
             return [x]
         return list(mx.quantize(x, group_size=self.group_size, bits=self.bits))
 
+    def stored_parts(self, shape: tuple[int, ...]) -> list[tuple[tuple[int, ...], mx.Dtype]]:
+        """(shape, dtype) of each array that stores a float array of `shape` (last axis
+        head_dim) in this format."""
+        dtype = FLOAT_DTYPES[self.dtype]
+        if self.bits is None:
+            return [(tuple(shape), dtype)]
+        *lead, d = shape
+        groups = (*lead, d // self.group_size)
+        return [((*lead, d * self.bits // 32), mx.uint32), (groups, dtype), (groups, dtype)]
+
     def entry_bytes(self, head_dim: int) -> float:
         """Bytes one stored vector of `head_dim` values takes."""
         scalar = FLOAT_DTYPES[self.dtype].size
@@ -54,15 +65,25 @@ class TreeFormat:
 
 
 def _empty(shape: tuple[int, ...], fmt: TreeFormat) -> mx.array | tuple[mx.array, ...]:
-    dtype = FLOAT_DTYPES[fmt.dtype]
-    if fmt.bits is None:
-        return mx.zeros(shape, dtype)
-    *lead, d = shape
-    return (
-        mx.zeros((*lead, d * fmt.bits // 32), mx.uint32),
-        mx.zeros((*lead, d // fmt.group_size), dtype),
-        mx.zeros((*lead, d // fmt.group_size), dtype),
-    )
+    parts = tuple(mx.zeros(part, dtype) for part, dtype in fmt.stored_parts(shape))
+    return parts[0] if fmt.bits is None else parts
+
+
+# Per float dtype, the unsigned int of its width and its exponent bits: a value whose
+# exponent bits are all set is inf or NaN.
+_EXPONENT_BITS = {
+    mx.float32: (np.uint32, 0x7F800000),
+    mx.float16: (np.uint16, 0x7C00),
+    mx.bfloat16: (np.uint16, 0x7F80),
+}
+
+
+def all_finite(x: mx.array) -> bool:
+    """True when a float array holds no inf or NaN (read as bits in numpy, which on the
+    CPU is several times faster than MLX's reductions)."""
+    width, exponent = _EXPONENT_BITS[x.dtype]
+    bits = np.frombuffer(memoryview(mx.contiguous(x)), width)
+    return not np.any((bits & exponent) == exponent)
 
 
 class TreeCache:
@@ -87,6 +108,27 @@ class TreeCache:
     @property
     def capacity(self) -> int:
         return self.shape[2]
+
+    def check_stored(self) -> None:
+        """Refuse stored keys or values that do not fit this cache's shape and format, or
+        that hold inf or NaN (a file read from disk may hold anything)."""
+        if self.fmt.bits is not None and self.shape[3] % self.fmt.group_size:
+            raise ValueError(
+                f"head_dim {self.shape[3]} is not a multiple of group size {self.fmt.group_size}"
+            )
+        expected = self.fmt.stored_parts(self.shape)
+        for kind, stored in (("keys", self.keys), ("values", self.values)):
+            parts = stored if isinstance(stored, tuple) else (stored,)
+            if len(parts) != len(expected):
+                raise ValueError(f"{kind} have {len(parts)} parts, the format {len(expected)}")
+            for part, (shape, dtype) in zip(parts, expected):
+                if tuple(part.shape) != shape or part.dtype != dtype:
+                    raise ValueError(
+                        f"{kind} stored as {tuple(part.shape)} {part.dtype}, expected "
+                        f"{shape} {dtype} for a layer of shape {self.shape}"
+                    )
+                if dtype != mx.uint32 and not all_finite(part):
+                    raise ValueError(f"{kind} hold inf or NaN")
 
     def write(self, offset: int, keys: mx.array, values: mx.array) -> None:
         """Store (kv_heads, n, head_dim) keys and values at entries offset..offset+n."""

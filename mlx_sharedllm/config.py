@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,15 +16,39 @@ INJECTIONS = ("trained", "zero", "copy")
 LAYOUTS = ("paper", "reference")
 # Re-reading reads passages of this many tokens (reread.py).
 PASSAGE_TOKENS = 128
+# A chunk is encoded whole by the lower model; beyond this no run is practical, and the
+# tree planner and checks would work on absurd numbers.
+MAX_CHUNK_LEN = 1 << 20
+# LLaMA sizes, positive integers where given; the first five must be given.
+LLAMA_SIZES = (
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "vocab_size",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
+LLAMA_REQUIRED_SIZES = LLAMA_SIZES[:5]
 
 
 def parse_last_p(value: int | float | str) -> int | float:
-    """Read `last_p` as the released config writes it: "32" is an int, "0.125" a float."""
-    if isinstance(value, bool):
+    """Read `last_p` as the released config writes it: "32" is an int, "0.125" a float.
+
+    An int keeps that many tokens per node (<= 0: all of them); a float keeps that
+    fraction, in (0, 1].
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(f"last_p must be a number, got {value!r}")
-    if isinstance(value, (int, float)):
-        return value
-    text = str(value).strip()
+    if isinstance(value, str):
+        value = _number(value.strip())
+    if isinstance(value, float) and not 0 < value <= 1:
+        raise ValueError(f"last_p as a fraction must be in (0, 1], got {value}")
+    return value
+
+
+def _number(text: str) -> int | float:
     try:
         return int(text)
     except ValueError:
@@ -30,13 +56,61 @@ def parse_last_p(value: int | float | str) -> int | float:
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"last_p must be an int or a float, got {value!r}") from None
+        raise ValueError(f"last_p must be an int or a float, got {text!r}") from None
 
 
-def _llama_args(value: LlamaArgs | dict[str, Any]) -> LlamaArgs:
+def _check_present(cls: type, params: dict[str, Any], which: str) -> None:
+    """Refuse `params` that lack a field of the dataclass `cls` without a default."""
+    fields = dataclasses.fields(cls)
+    missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in params]
+    if missing:
+        raise ValueError(f"{which} lacks {', '.join(missing)}")
+
+
+def is_int(value: Any) -> bool:
+    """True for an integer, but not a bool (JSON's true is not a count)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    """Refuse a setting that is not an integer (bools included) in low..high."""
+    if not is_int(value):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+
+
+def _llama_args(value: LlamaArgs | dict[str, Any], which: str) -> LlamaArgs:
     if isinstance(value, LlamaArgs):
+        _check_llama(vars(value), which)
         return value
-    return LlamaArgs.from_dict({"model_type": "llama", **value})
+    if not isinstance(value, dict):
+        raise ValueError(f"{which} must be an object of LLaMA settings, got {value!r}")
+    value = {"model_type": "llama", **value}
+    _check_present(LlamaArgs, value, which)
+    _check_llama(value, which)
+    return LlamaArgs.from_dict(value)
+
+
+def _check_llama(settings: dict[str, Any], which: str) -> None:
+    """The LLaMA settings SharedLLM computes with: positive integer sizes, positive
+    finite rms_norm_eps and rope_theta."""
+    for name in LLAMA_SIZES:
+        if settings.get(name) is not None or name in LLAMA_REQUIRED_SIZES:
+            check_int(f"{which}.{name}", settings.get(name), 1)
+    for name in ("rms_norm_eps", "rope_theta"):
+        value = settings.get(name, 1)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{which}.{name} must be a number, got {value!r}")
+        if not 0 < value < math.inf:
+            raise ValueError(f"{which}.{name} must be positive and finite, got {value}")
+    hidden, heads = settings["hidden_size"], settings["num_attention_heads"]
+    if settings.get("head_dim") is None and hidden % heads:
+        raise ValueError(
+            f"{which}.hidden_size {hidden} is not a multiple of num_attention_heads {heads} "
+            "(and no head_dim is given)"
+        )
 
 
 @dataclass
@@ -72,8 +146,8 @@ class SharedLLMConfig:
     quantization: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        self.upper = _llama_args(self.upper)
-        self.lower = None if self.lower is None else _llama_args(self.lower)
+        self.upper = _llama_args(self.upper, "upper")
+        self.lower = None if self.lower is None else _llama_args(self.lower, "lower")
         self.last_p = parse_last_p(self.last_p)
         self._validate()
         if self.lower is not None and self.lower.num_hidden_layers > self.num_injection_layers:
@@ -89,25 +163,25 @@ class SharedLLMConfig:
 
     def _validate(self) -> None:
         m, up, low = self.num_injection_layers, self.upper, self.lower or self.upper
+        check_int("num_injection_layers", m, 1, up.num_hidden_layers)
+        check_int("compress_batch", self.compress_batch, 1)
+        check_int("chunk_len", self.chunk_len, 2, MAX_CHUNK_LEN)
+        # Before check_chunk_len computes 2**depth: a chunk halves at most log2(len) times.
+        check_int("tree_depth", self.tree_depth, 1, int(self.chunk_len).bit_length())
+        _check_quantization(self.quantization)
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.injection not in INJECTIONS:
             raise ValueError(f"injection must be one of {INJECTIONS}, got {self.injection!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if not 1 <= m <= up.num_hidden_layers:
-            raise ValueError(f"num_injection_layers must be in 1..{up.num_hidden_layers}, got {m}")
         if low.num_hidden_layers < m:
             raise ValueError(
                 f"the lower model has {low.num_hidden_layers} layers, fewer than M={m}"
             )
-        if self.tree_depth < 1:
-            raise ValueError(f"tree_depth must be >= 1, got {self.tree_depth}")
         check_log_scale(self.log_scale_entries)
         check_select_chunks(self.select_chunks)
         check_reread_tokens(self.reread_tokens)
-        if self.compress_batch < 1:
-            raise ValueError(f"compress_batch must be >= 1, got {self.compress_batch}")
         if head_dim(up) != head_dim(low):
             raise ValueError(
                 f"upper head_dim {head_dim(up)} != lower head_dim {head_dim(low)}: "
@@ -123,6 +197,9 @@ class SharedLLMConfig:
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> SharedLLMConfig:
         """Build from a config.json dict; unknown keys are ignored."""
+        if not isinstance(params, dict):
+            raise ValueError(f"a config must be an object, got {type(params).__name__}")
+        _check_present(cls, params, "the config")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in params.items() if k in names})
 
@@ -150,25 +227,37 @@ def head_dim(args: LlamaArgs) -> int:
 
 def check_log_scale(entries: int) -> None:
     """`log_scale_entries` is 0 (off) or a number of entries, at least 2 (log(1) is 0)."""
-    if entries != 0 and entries < 2:
-        raise ValueError(f"log_scale_entries must be 0 (off) or at least 2, got {entries}")
+    if not is_int(entries) or entries < 0 or entries == 1:
+        raise ValueError(f"log_scale_entries must be 0 (off) or at least 2, got {entries!r}")
 
 
 def check_select_chunks(chunks: int) -> None:
     """`select_chunks` is 0 (read every chunk) or how many chunks a question reads."""
-    if chunks < 0:
-        raise ValueError(f"select_chunks must be 0 (every chunk) or more, got {chunks}")
+    if not is_int(chunks) or chunks < 0:
+        raise ValueError(f"select_chunks must be 0 (every chunk) or more, got {chunks!r}")
 
 
 def check_reread_tokens(tokens: int) -> None:
     """`reread_tokens` is 0 (off) or a budget of at least one passage."""
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+    if not is_int(tokens) or tokens < 0:
         raise ValueError(f"reread_tokens must be 0 (off) or a number of tokens, got {tokens!r}")
     if 0 < tokens < PASSAGE_TOKENS:
         raise ValueError(
             f"reread_tokens must be 0 (off) or at least one passage ({PASSAGE_TOKENS}), "
             f"got {tokens}"
         )
+
+
+def _check_quantization(quantization: Any) -> None:
+    """mlx-lm's quantization entry: None, or an object whose bits and group size (when
+    given) are integers; per-layer entries are mlx-lm's to read."""
+    if quantization is None:
+        return
+    if not isinstance(quantization, dict):
+        raise ValueError(f"quantization must be an object, got {quantization!r}")
+    for name in ("bits", "group_size"):
+        if name in quantization:
+            check_int(f"quantization.{name}", quantization[name], 1)
 
 
 def check_chunk_len(chunk_len: int, depth: int) -> None:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import transformers
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model, load_tokenizer
 
 from .config import SharedLLMConfig
 from .model import SharedLLM
-from .tree import ContextTree
+from .tree import ContextTree, token_hash
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -44,8 +46,13 @@ def load(path: str | Path = DEFAULT) -> tuple[SharedLLM, TokenizerWrapper | None
         transformers.logging.set_verbosity(verbosity)
 
 
-def load_context(path: str | Path, model: SharedLLM) -> ContextTree:
-    """Load a tree saved with `ContextTree.save`, refusing one made by another model."""
+def load_context(path: str | Path, model: SharedLLM, context: Any = None) -> ContextTree:
+    """Load a tree saved with `ContextTree.save`, refusing one made by another model or
+    with other settings, or one whose token ids this model's vocabulary does not hold.
+
+    `context`, the token ids the tree was compressed from, if given, must be what the
+    tree records (its hash, and its remainder).
+    """
     tree = ContextTree.load(path)
     made_by, ours = tree.meta.get("model"), model.fingerprint()
     if made_by != ours:
@@ -57,6 +64,10 @@ def load_context(path: str | Path, model: SharedLLM) -> ContextTree:
         raise ValueError(
             f"{path} was compressed with other tree settings: {tree.meta.get('config')}"
         )
+    if tree.chunk_len != model.config.chunk_len:
+        raise ValueError(
+            f"{path} has chunks of {tree.chunk_len} tokens, the model {model.config.chunk_len}"
+        )
     if len(tree.layers) != model.config.num_injection_layers:
         raise ValueError(
             f"{path} holds {len(tree.layers)} layers, the model injects in "
@@ -67,4 +78,25 @@ def load_context(path: str | Path, model: SharedLLM) -> ContextTree:
         expected = model.tree_shape(0 if idle else tree.num_entries)
         if layer.shape != expected:
             raise ValueError(f"{path}: layer {i} has shape {layer.shape}, expected {expected}")
+    try:
+        tree.check_token_ids(model.config.upper.vocab_size)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if context is not None:
+        _check_context(path, tree, np.asarray(context).reshape(-1))
     return tree
+
+
+def _check_context(path: str | Path, tree: ContextTree, ids: np.ndarray) -> None:
+    """Refuse a tree that was not compressed from the token ids `ids`."""
+    compressed = tree.n_chunks * tree.chunk_len
+    recorded = tree.meta.get("context_sha256")
+    if recorded is None:
+        raise ValueError(f"{path} records no hash of its context to check it against")
+    remainder = np.zeros(0) if tree.remainder is None else np.array(tree.remainder)
+    if (
+        len(ids) != compressed + len(remainder)
+        or token_hash(ids[:compressed]) != recorded
+        or not np.array_equal(ids[compressed:], remainder)
+    ):
+        raise ValueError(f"{path} was compressed from another context than the one given")

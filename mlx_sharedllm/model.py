@@ -29,10 +29,12 @@ from .kernels import inject_attention, rotate_at, tree_compress
 from .tree import (
     ContextTree,
     SegmentPlan,
+    check_token_ids,
     chunk_positions,
     downsample_index,
     pick_halves,
     plan_segments,
+    token_hash,
 )
 
 logger = logging.getLogger(__name__)
@@ -145,6 +147,7 @@ class UpperModel(nn.Module):
         cache: list,
         tap: AttentionTap | None = None,
     ) -> mx.array:
+        self._check_inputs(inputs, tree, cache[0])
         h = self.embed_tokens(inputs)
         mask = create_attention_mask(h, cache[0])
         sharpen = log_scale(tree.num_entries, self.config.log_scale_entries) if tree else 1.0
@@ -152,6 +155,16 @@ class UpperModel(nn.Module):
             tree_kv = tree.layer(i) if tree is not None and i < len(tree.layers) else None
             h = layer(h, mask, c, tree_kv, tree.query_position if tree else 0, tap, sharpen)
         return self.norm(h)
+
+    def _check_inputs(self, inputs: mx.array, tree: ContextTree | None, cache) -> None:
+        """Refuse token ids the embedding does not hold (reading them would crash): the
+        tree's and those of a prompt. A decode step's one token was sampled from the
+        logits, so it is not checked, which keeps mlx-lm's decoding pipelined."""
+        vocab = self.config.upper.vocab_size
+        if tree is not None:
+            tree.check_token_ids(vocab)
+        if inputs.shape[-1] > 1 or cache is None or cache.offset == 0:
+            check_token_ids(inputs, vocab, "the input")
 
 
 def log_scale(entries: int, base: int) -> float:
@@ -252,6 +265,9 @@ class SharedLLM(nn.Module):
         gives the preserved size per level (training's split noise; default: halves).
         """
         chunks, remainder = self._as_chunks(context)
+        lower = self.config.lower or self.config.upper
+        check_token_ids(chunks, lower.vocab_size, "the context")
+        check_token_ids(mx.array(query), self.config.upper.vocab_size, "the query")
         n, chunk_len = chunks.shape
         check_chunk_len(chunk_len, self.config.tree_depth)
         progress = progress or (lambda done, total: None)
@@ -286,8 +302,8 @@ class SharedLLM(nn.Module):
             meta={
                 "model": self.fingerprint(),
                 "config": self.config.tree_dict(),
-                "context_sha256": _token_hash(chunks),
-                "query_sha256": _token_hash(mx.array(query)),
+                "context_sha256": token_hash(chunks),
+                "query_sha256": token_hash(mx.array(query)),
             },
             tokens=chunks.astype(mx.int32),
         )
@@ -426,10 +442,6 @@ def _all_zero(linear: nn.Module) -> bool:
         args = (linear.scales, linear.biases, linear.group_size, linear.bits)
         weight = mx.dequantize(weight, *args)
     return not mx.any(weight).item()
-
-
-def _token_hash(tokens: mx.array) -> str:
-    return hashlib.sha256(np.array(tokens, dtype=np.int64).tobytes()).hexdigest()
 
 
 def _unit(x: mx.array, eps: float = 1e-6) -> mx.array:

@@ -36,15 +36,18 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.llama import ModelArgs as LlamaArgs
 
 from .cache import FLOAT_DTYPES, SCORE_BLOCK_BYTES, TreeFormat
-from .config import SharedLLMConfig, head_dim
+from .config import SharedLLMConfig, check_int, head_dim
 from .model import SharedLLM
-from .tree import downsample_index, plan_segments
+from .tree import downsample_count, plan_segments
 
 GiB = 1 << 30
 KV_STEP = 256  # mlx-lm's KVCache and QuantizedKVCache grow in steps of 256 tokens
 PREFILL_STEP = 2048  # mlx-lm's generate_step prefills at most this many tokens at a time
 WEIGHT_BITS = (2, 3, 4, 5, 6, 8)  # mx.quantize's affine widths; 16 and 32 mean float
 STORED_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# The most tokens the CLI takes in a count (about 10**15, beyond any run); the plan's
+# cost does not depend on it.
+MAX_TOKENS = 1 << 50
 
 _LLAMA_2_7B = dict(
     hidden_size=4096,
@@ -167,6 +170,13 @@ class PlanSettings:
     running_tokens: int | None = None
     compress_batch: int | None = None
 
+    def __post_init__(self) -> None:
+        check_int("context_tokens", self.context_tokens, 0)
+        if self.running_tokens is not None:
+            check_int("running_tokens", self.running_tokens, 1)
+        if self.compress_batch is not None:
+            check_int("compress_batch", self.compress_batch, 1)
+
 
 @dataclass(frozen=True)
 class MemoryPlan:
@@ -277,7 +287,7 @@ def make_plan(
     s, lower = settings, config.lower or config.upper
     n_chunks = s.context_tokens // config.chunk_len
     lengths = segment_lengths(config)
-    entries = n_chunks * sum(len(downsample_index(n, config.last_p)) for n in lengths)
+    entries = n_chunks * sum(downsample_count(n, config.last_p) for n in lengths)
     running = s.running_tokens or config.chunk_len + 1024
     batch = s.compress_batch or config.compress_batch
     rows, size = min(batch, n_chunks), FLOAT_DTYPES[s.dtype].size
@@ -333,9 +343,15 @@ def generation_bytes(
     config: SharedLLMConfig, s: PlanSettings, running: int, tree_entries: int
 ) -> int:
     """Activations of the largest of mlx-lm's prefill steps over the running window
-    (at most 2048 tokens each; decoding one token at a time holds less)."""
-    steps = [(done, min(PREFILL_STEP, running - done)) for done in range(0, running, PREFILL_STEP)]
-    return max(prefill_step_bytes(config, s, n, done + n, tree_entries) for done, n in steps)
+    (at most 2048 tokens each; decoding one token at a time holds less).
+
+    A step's bytes grow with the keys it attends to, so of the full steps the last one
+    is the largest; the other candidate is the partial step that ends the window.
+    """
+    full, rest = divmod(running, PREFILL_STEP)
+    steps = [(PREFILL_STEP, full * PREFILL_STEP)] if full else []
+    steps += [(rest, running)] if rest else []
+    return max(prefill_step_bytes(config, s, n, keys, tree_entries) for n, keys in steps)
 
 
 def prefill_step_bytes(

@@ -6,6 +6,7 @@ the planned segments. See SPEC section 3 for the algorithm.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import TreeCache, TreeFormat
+from .config import check_int
 
 # chooser(node_start, half) -> (n,) ints, 0 keeps the left half and 1 the right.
 HalfChooser = Callable[[np.ndarray, int], np.ndarray]
@@ -36,9 +38,16 @@ def downsample_index(length: int, last_p: int | float) -> np.ndarray:
     This keeps more than t positions when t does not divide `length`, as the
     released code does. A keep count of 0, or one above `length`, keeps everything.
     """
-    t = keep_count(length, last_p)
-    interval = max(1, length // max(1, t))
-    return np.arange(0, length, interval)
+    return np.arange(0, length, _interval(length, last_p))
+
+
+def downsample_count(length: int, last_p: int | float) -> int:
+    """len(downsample_index(length, last_p)), without listing the positions."""
+    return -(-length // _interval(length, last_p))
+
+
+def _interval(length: int, last_p: int | float) -> int:
+    return max(1, length // max(1, keep_count(length, last_p)))
 
 
 def pick_halves(left: np.ndarray, right: np.ndarray, layout: str) -> np.ndarray:
@@ -142,6 +151,8 @@ class ContextTree:
     remainder: mx.array | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     tokens: mx.array | None = None
+    # The vocabulary size check_token_ids last accepted the token arrays for (0: none).
+    _ids_checked: int = field(default=0, init=False, repr=False, compare=False)
 
     @property
     def num_entries(self) -> int:
@@ -172,18 +183,20 @@ class ContextTree:
         _, kv, _, d = x.shape
         return x.reshape(kv, self.n_chunks, self.entries_per_chunk, d).transpose(1, 0, 2, 3)
 
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Refuse a remainder or tokens outside a vocabulary of `vocab_size` (an embedding
+        lookup out of range reads past its table). Checked once per tree and vocabulary."""
+        if self._ids_checked == vocab_size:
+            return
+        for name, ids in (("remainder", self.remainder), ("tokens", self.tokens)):
+            if ids is not None:
+                check_token_ids(ids, vocab_size, f"the tree's {name}")
+        self._ids_checked = vocab_size
+
     def save(self, path: str | Path) -> None:
         """Write the tree, as stored (quantized or not), and its metadata to a safetensors
-        file at `path` (any name)."""
-        arrays = {}
-        for i, layer in enumerate(self.layers):
-            for kind, stored in (("keys", layer.keys), ("values", layer.values)):
-                parts = stored if isinstance(stored, tuple) else (stored,)
-                arrays.update({f"{kind}.{i}.{j}": a for j, a in enumerate(parts)})
-        if self.remainder is not None:
-            arrays["remainder"] = self.remainder
-        if self.tokens is not None:
-            arrays["tokens"] = self.tokens
+        file at `path` (any name). The header carries a checksum of the arrays."""
+        arrays = self._arrays()
         fmt = self.layers[0].fmt
         header = {
             "layers": len(self.layers),
@@ -194,6 +207,7 @@ class ContextTree:
             "entries_per_chunk": self.entries_per_chunk,
             "query_position": self.query_position,
             "meta": self.meta,
+            "checksum": checksum(arrays),
         }
         metadata = {"format": TREE_FORMAT, "tree": json.dumps(header)}
         path = Path(path)
@@ -203,39 +217,190 @@ class ContextTree:
             mx.save_safetensors(f, arrays, metadata=metadata)
         os.replace(partial, path)
 
+    def _arrays(self) -> dict[str, mx.array]:
+        """The arrays a saved tree holds, by name."""
+        arrays = {}
+        for i, layer in enumerate(self.layers):
+            for kind, stored in (("keys", layer.keys), ("values", layer.values)):
+                parts = stored if isinstance(stored, tuple) else (stored,)
+                arrays.update({f"{kind}.{i}.{j}": a for j, a in enumerate(parts)})
+        if self.remainder is not None:
+            arrays["remainder"] = self.remainder
+        if self.tokens is not None:
+            arrays["tokens"] = self.tokens
+        return arrays
+
     @classmethod
     def load(cls, path: str | Path) -> ContextTree:
-        """Read a tree written by `save`; use `mlx_sharedllm.load_context` to check it
-        against a model."""
+        """Read a tree written by `save`, refusing a file that is corrupt or inconsistent;
+        use `mlx_sharedllm.load_context` to check it against a model."""
         try:
             arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
-            if metadata.get("format") != TREE_FORMAT:
-                raise ValueError(f"not a saved context tree (format {metadata.get('format')!r})")
-            header = json.loads(metadata["tree"])
+            header = _read_header(metadata)
             fmt = TreeFormat(**header["format"])
             parts = 1 if fmt.bits is None else 3
+            shapes = header["shapes"]
+            _check_names(arrays, header["layers"], parts)
+            if metadata["format"] == TREE_FORMAT and checksum(arrays) != header["checksum"]:
+                raise ValueError("the arrays do not match their checksum: the file is corrupt")
 
             def stored(kind: str, i: int):
                 found = tuple(arrays[f"{kind}.{i}.{j}"] for j in range(parts))
                 return found if fmt.bits is not None else found[0]
 
-            shapes = header.get("shapes") or [header["shape"]] * header["layers"]
-            layers = [
-                TreeCache.from_arrays(fmt, shapes[i], stored("keys", i), stored("values", i))
-                for i in range(header["layers"])
-            ]
-            return cls(
-                layers=layers,
-                n_chunks=int(header["n_chunks"]),
-                chunk_len=int(header["chunk_len"]),
-                entries_per_chunk=int(header["entries_per_chunk"]),
-                query_position=int(header["query_position"]),
+            tree = cls(
+                layers=[
+                    TreeCache.from_arrays(fmt, shapes[i], stored("keys", i), stored("values", i))
+                    for i in range(header["layers"])
+                ],
+                n_chunks=header["n_chunks"],
+                chunk_len=header["chunk_len"],
+                entries_per_chunk=header["entries_per_chunk"],
+                query_position=header["query_position"],
                 remainder=arrays.get("remainder"),
                 meta=header["meta"],
                 tokens=arrays.get("tokens"),
             )
+            tree.check()
+            return tree
         except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path} is not a readable context tree: {e}") from None
 
+    def check(self) -> None:
+        """Refuse a tree whose parts disagree: layer shapes and stored arrays, the chunk
+        counts, the query position, the token arrays, or inf and NaN entries."""
+        n, t = self.n_chunks, self.entries_per_chunk
+        _check_shapes([layer.shape for layer in self.layers], n * t)
+        for i, layer in enumerate(self.layers):
+            try:
+                layer.check_stored()
+            except ValueError as e:
+                raise ValueError(f"layer {i}: {e}") from None
+        _check_query_position(self.query_position, n, self.meta)
+        if self.remainder is not None:
+            _check_ids_array(self.remainder, 1, "remainder")
+            if self.remainder.size >= self.chunk_len:
+                raise ValueError(
+                    f"the remainder holds {self.remainder.size} tokens, a whole chunk or more"
+                )
+        if self.tokens is not None:
+            _check_ids_array(self.tokens, 2, "tokens")
+            if tuple(self.tokens.shape) != (n, self.chunk_len):
+                raise ValueError(
+                    f"tokens have shape {tuple(self.tokens.shape)}, not {(n, self.chunk_len)}"
+                )
+            made_from = self.meta.get("context_sha256")
+            if made_from is not None and made_from != token_hash(self.tokens):
+                raise ValueError("the tokens are not the context the tree was made from")
 
-TREE_FORMAT = "mlx-sharedllm-context-tree/2"
+
+TREE_FORMAT = "mlx-sharedllm-context-tree/3"
+# Trees saved before the header carried checksums; they load without that check.
+UNCHECKED_FORMAT = "mlx-sharedllm-context-tree/2"
+HEADER_INTS = {"layers": 1, "n_chunks": 1, "chunk_len": 2, "entries_per_chunk": 1}
+
+
+def token_hash(tokens: mx.array) -> str:
+    """The sha256 of token ids (as int64), which a tree's meta records of its context."""
+    return hashlib.sha256(np.array(tokens, dtype=np.int64).tobytes()).hexdigest()
+
+
+def checksum(arrays: dict[str, mx.array]) -> str:
+    """The sha256 of arrays' names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        x = arrays[name]
+        digest.update(f"{name}{x.dtype}{tuple(x.shape)}".encode())
+        digest.update(memoryview(mx.contiguous(x)))
+    return digest.hexdigest()
+
+
+def check_token_ids(ids: mx.array, vocab_size: int, what: str) -> None:
+    """Refuse token ids outside 0..vocab_size - 1, naming the first bad one."""
+    if ids.size == 0:
+        return
+    low, high = mx.min(ids).item(), mx.max(ids).item()
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"{what} holds token id {bad}, outside the model's vocabulary (0..{vocab_size - 1})"
+        )
+
+
+def _read_header(metadata: dict[str, str]) -> dict[str, Any]:
+    """The tree header of a saved file, with its fields' types and ranges checked."""
+    if metadata.get("format") not in (TREE_FORMAT, UNCHECKED_FORMAT):
+        raise ValueError(f"not a saved context tree (format {metadata.get('format')!r})")
+    header = json.loads(metadata["tree"])
+    if not isinstance(header, dict):
+        raise ValueError("the tree header is not an object")
+    for name, low in HEADER_INTS.items():
+        check_int(name, header[name], low)
+    check_int("query_position", header["query_position"], 0)
+    if header["entries_per_chunk"] > header["chunk_len"]:
+        raise ValueError(
+            f"entries_per_chunk {header['entries_per_chunk']} exceeds chunk_len "
+            f"{header['chunk_len']}"
+        )
+    for name in ("format", "meta"):
+        if not isinstance(header[name], dict):
+            raise ValueError(f"the header's {name} is not an object")
+    if not isinstance(header["meta"].get("config", {}), dict):
+        raise ValueError("the header's meta.config is not an object")
+    shapes = header.setdefault("shapes", [header.get("shape")] * header["layers"])
+    if not isinstance(shapes, list) or len(shapes) != header["layers"]:
+        raise ValueError(f"the header's shapes do not list its {header['layers']} layers")
+    return header
+
+
+def _check_names(arrays: dict[str, mx.array], layers: int, parts: int) -> None:
+    """Refuse a file that lacks one of a tree's arrays or holds others."""
+    expected = {
+        f"{kind}.{i}.{j}"
+        for kind in ("keys", "values")
+        for i in range(layers)
+        for j in range(parts)
+    }
+    missing = sorted(expected - set(arrays))
+    extra = sorted(set(arrays) - expected - {"remainder", "tokens"})
+    if missing or extra:
+        raise ValueError(f"arrays missing {missing}, unexpected {extra}")
+
+
+def _check_shapes(shapes: list[tuple[int, ...]], entries: int) -> None:
+    """Every layer is (1, kv_heads, entries, head_dim), or empty (an idle layer), with the
+    same kv_heads and head_dim."""
+    for i, shape in enumerate(shapes):
+        if len(shape) != 4 or any(type(x) is not int for x in shape):
+            raise ValueError(f"layer {i} has shape {shape}, not 4 integers")
+        if shape[0] != 1 or shape[2] not in (0, entries) or min(shape[1], shape[3]) < 1:
+            raise ValueError(
+                f"layer {i} has shape {tuple(shape)}, not (1, kv_heads, {entries} entries "
+                "(n_chunks x entries_per_chunk) or 0, head_dim)"
+            )
+    if len({(s[1], s[3]) for s in shapes}) > 1:
+        raise ValueError("the layers disagree on kv_heads or head_dim")
+
+
+def _check_query_position(position: int, n_chunks: int, meta: dict[str, Any]) -> None:
+    """Compress puts the query after the last chunk: at n_chunks (paper layout) or
+    n_chunks + 1 (reference). A tree of selected chunks keeps its whole tree's position,
+    beyond the last chunk it holds."""
+    selected = meta.get("selected_chunks")
+    if selected is None:
+        if position not in (n_chunks, n_chunks + 1):
+            raise ValueError(
+                f"query_position {position} is not where {n_chunks} chunks put the query"
+            )
+        return
+    if not isinstance(selected, list) or len(selected) != n_chunks:
+        raise ValueError(f"selected_chunks does not list the tree's {n_chunks} chunks")
+    if any(type(c) is not int or c < 0 for c in selected) or not position > max(selected):
+        raise ValueError(f"query_position {position} does not follow the selected chunks")
+
+
+def _check_ids_array(ids: mx.array, ndim: int, name: str) -> None:
+    if ids.ndim != ndim or not mx.issubdtype(ids.dtype, mx.integer):
+        raise ValueError(
+            f"{name} must be a {ndim}-D array of token ids, got {ids.dtype} {tuple(ids.shape)}"
+        )
