@@ -25,7 +25,7 @@ from .cache import TreeFormat
 from .model import SharedLLM
 from .reread import Passage, choose, focus, rare_words, token_terms
 from .selection import select_chunks as select_tree_chunks
-from .tree import ContextTree
+from .tree import ContextTree, check_token_ids
 
 # progress(stage, done, total): stage "tokenize" counts characters, "compress" chunks.
 Progress = Callable[[str, int, int], None]
@@ -202,6 +202,7 @@ def stream_generate(
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     prompt_ids = encode_prompt(tokenizer, prompt, chat_template)
+    check_token_ids(mx.array(prompt_ids), model.config.upper.vocab_size, "the prompt")
     window = model.args.max_position_embeddings
     if window and len(prompt_ids) > window:
         raise ValueError(
@@ -220,16 +221,23 @@ def stream_generate(
         tree = select_tree_chunks(model, tree, running, keep)
     stats = {**prepared.stats, "chunks_read": tree.n_chunks if tree is not None else 0}
     budget = model.config.reread_tokens if reread_tokens is None else reread_tokens
+
+    def room_for(budget: int) -> int:
+        """The re-reading budget that leaves the window room for the prompt and answer
+        (none left: the tree is read without re-reading)."""
+        if not window:
+            return budget
+        return min(budget, window - len(prompt_ids) - max_tokens)
+
     if tree is not None and budget and tree.tokens is None:
         warnings.warn(
             "this saved tree does not keep its tokens (an older version saved it): "
             "it is read without re-reading; compress the context again to re-read it",
             stacklevel=2,
         )
-    elif tree is not None and budget:
-        room = (window or len(prompt_ids) + budget + max_tokens) - len(prompt_ids) - max_tokens
+    elif tree is not None and budget and room_for(budget) > 0:
         passages, running = reread_passages(
-            model, tokenizer, tree, prepared.running, prompt, min(budget, room), chat_template
+            model, tokenizer, tree, prepared.running, prompt, room_for(budget), chat_template
         )
         stats["reread_tokens"] = sum(p.end - p.start for p in passages)
         stats["passages"] = tuple(passages)

@@ -256,3 +256,19 @@ def test_cli_compresses_once_and_answers_from_the_saved_context(spm_model, book,
     junk.write_bytes(b"not a tree")
     bad = invoke(*args, "--context", str(junk))
     assert bad.exit_code != 0 and "not a readable context tree" in bad.output
+
+
+def test_no_room_in_the_window_reads_the_tree_without_rereading(loaded, book):  # noqa: F811
+    model, tokenizer = loaded
+    ids = tokenizer.encode(book.read_text(), add_special_tokens=False)
+    window = model.args.max_position_embeddings
+    responses = list(
+        stream_generate(model, tokenizer, "Who?", ids, max_tokens=window, reread_tokens=256)
+    )
+    assert responses[-1].passages == () and responses[-1].reread_tokens == 0
+
+
+def test_prompt_ids_outside_the_vocabulary_are_refused(loaded):
+    model, tokenizer = loaded
+    with pytest.raises(ValueError, match="the prompt holds token id"):
+        generate(model, tokenizer, [5, 6, 10**9], max_tokens=2)
