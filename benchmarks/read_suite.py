@@ -295,30 +295,39 @@ def run_needles(a, model, tokenizer, runner, done, out) -> None:
                 ask_all(ctx, plan.questions, systems, runner, truncated, done, out)
 
 
+# The dev book questions ask about the first DEV_BOOK_TOKENS of their text.
+DEV_BOOK_TOKENS = 65536
+
+
 def run_book(a, model, tokenizer, runner, done, out) -> None:
-    """The book questions, over the whole book compressed once."""
-    text = sd.load_text("botchan-full")
-    ids = text_ids(tokenizer, "botchan-full")
+    """The book questions (test: the whole Botchan; dev: War and Peace's opening), over
+    the book compressed once."""
+    name = sd.BOOK_TEXT if a.split == "test" else sd.DEV_BOOK_TEXT
+    questions = sd.BOOK_QUESTIONS if a.split == "test" else sd.DEV_BOOK_QUESTIONS
+    text = sd.load_text(name)
+    ids = text_ids(tokenizer, name)
+    if a.split == "dev":
+        ids = ids[:DEV_BOOK_TOKENS]
     chunk_len, window = model.config.chunk_len, model.args.max_position_embeddings
     n = len(ids) // chunk_len
-    tree = bank(model, ids, "botchan-full") if movable_chunks(model) else None
+    tree = bank(model, ids, name) if movable_chunks(model) else None
     if tree is None:
         tree = model.compress(mx.array(ids[: n * chunk_len]), mx.array(ids[:1]))
     else:
         tree = ContextTree(**{**vars(tree), "remainder": mx.array(ids[n * chunk_len :])})
     book_spans = []
-    for q in sd.BOOK_QUESTIONS:
+    for q in questions:
         at = text.index(q.evidence)
         start = len(tokenizer.encode(text[:at], add_special_tokens=False))
         end = len(tokenizer.encode(text[: at + len(q.evidence)], add_special_tokens=False))
         book_spans.append([(start, end)])
     ctx = {
-        "key": "book|botchan-full", "split": "test", "text": "botchan-full", "kind": "novel",
+        "key": f"book|{name}", "split": a.split, "text": name, "kind": "novel",
         "length": len(ids), "haystack": 0, "ids": ids, "spans": [], "book_spans": book_spans,
         "tree": tree,
     }  # fmt: skip
     truncated = Truncated(model, tokenizer, ids, window - 256)
-    ask_all(ctx, sd.BOOK_QUESTIONS, a.systems.split(","), runner, truncated, done, out)
+    ask_all(ctx, questions, a.systems.split(","), runner, truncated, done, out)
 
 
 # -- the report -----------------------------------------------------------------------

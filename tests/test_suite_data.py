@@ -286,15 +286,18 @@ def test_insert_refuses_facts_longer_than_their_chunk(tokenizer, haystack):
 # -- book questions -----------------------------------------------------------------------
 
 
-def test_book_questions_accept_their_references():
-    prompts = [q.prompt for q in sd.BOOK_QUESTIONS]
-    assert len(prompts) >= 12 and len(set(prompts)) == len(prompts)
-    assert "Who is the narrator, and where does he go to teach?" in prompts
-    for q in sd.BOOK_QUESTIONS:
+@pytest.mark.parametrize("questions", [sd.BOOK_QUESTIONS, sd.DEV_BOOK_QUESTIONS])
+def test_book_questions_accept_their_references(questions):
+    prompts = [q.prompt for q in questions]
+    assert len(prompts) >= 10 and len(set(prompts)) == len(prompts)
+    for q in questions:
         assert 20 <= len(q.evidence) <= 120
         for group in q.accept:
             assert any(re.search(p, q.reference, re.I) for p in group), (q.prompt, group)
         assert not sd.is_correct(q, "I do not know.")
+    assert "Who is the narrator, and where does he go to teach?" in [
+        q.prompt for q in sd.BOOK_QUESTIONS
+    ]
 
 
 # -- texts (fetched from their pins; skipped when they cannot be fetched) -----------------
@@ -354,6 +357,10 @@ def test_book_evidence_is_verbatim(loaded):
     for q in sd.BOOK_QUESTIONS:
         assert book.count(q.evidence) >= 1, q.evidence
     assert loaded["botchan-heldout"] in book
+    # the dev questions ask about War and Peace's first 64K tokens (about 280K characters)
+    dev_book = loaded[sd.DEV_BOOK_TEXT]
+    for q in sd.DEV_BOOK_QUESTIONS:
+        assert 0 <= dev_book.find(q.evidence) < 270_000, q.evidence
 
 
 def test_the_oracle_reads_exactly_the_chunks_that_hold_the_facts(tokenizer, haystack):
