@@ -1,5 +1,6 @@
 """The `mlx-sharedllm` command line (installed as `mlx_sharedllm.cli`)."""
 
+import os
 import sys
 
 EXIT_INTERRUPTED = 130
@@ -12,5 +13,8 @@ def main() -> None:
         from .main import cli
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted\n")
-        sys.exit(EXIT_INTERRUPTED)
+        sys.stderr.flush()
+        # Not sys.exit: an import cut short can leave the interpreter marking the
+        # interrupt unhandled, and it would then die of SIGINT (-2) instead of 130.
+        os._exit(EXIT_INTERRUPTED)
     cli()

@@ -142,7 +142,14 @@ def test_stdin_is_tokenized_as_the_file_is(spm_model, book):  # noqa: F811
     assert piped.stdout == given.stdout
 
 
-@pytest.mark.parametrize("delay", [0.1, 0.6])
+# The entry point, started once the interpreter is up (Python's own start-up is not ours).
+ENTRY = (
+    "import sys; from mlx_sharedllm.cli import main; "
+    "sys.stderr.write('ready\\n'); sys.stderr.flush(); sys.argv[1:] = ['--help']; main()"
+)
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.3])
 def test_ctrl_c_while_the_command_starts_exits_130_without_a_traceback(delay):
     import signal
     import subprocess
@@ -153,11 +160,12 @@ def test_ctrl_c_while_the_command_starts_exits_130_without_a_traceback(delay):
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlx_sharedllm", "--help"],
+        [sys.executable, "-c", ENTRY],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         preexec_fn=default_sigint,
     )
+    assert process.stderr.readline() == b"ready\n"
     time.sleep(delay)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)
