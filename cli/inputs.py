@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import io
+import math
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
+
 from ..generate import text_pieces
 
 SNIFF_BYTES = 8192
+
+
+class FiniteRange(click.FloatRange):
+    """A float range that also refuses nan and inf (which compare false with any bound)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number", param, ctx)
+        return number
 
 
 class InputError(Exception):

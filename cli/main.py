@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -15,21 +14,11 @@ from ..convert.stack import INITS, StackOptions, parse_heads
 from ..convert.tables import ConversionError
 from ..convert.torch_bin import CheckpointError
 from ..plan import MAX_TOKENS
-from .inputs import InputError, read_prompt, read_text_file
+from .inputs import FiniteRange, InputError, read_prompt, read_text_file
 from .plan_cli import plan_command
 from .train_cli import fuse_command, train_command
 
 EXIT_INTERRUPTED = 130
-
-
-class FiniteRange(click.FloatRange):
-    """A float range that also refuses nan and inf (which compare false with any bound)."""
-
-    def convert(self, value, param, ctx):
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{number} is not a finite number", param, ctx)
-        return number
 
 
 FINITE = FiniteRange(min=0)

@@ -11,7 +11,7 @@ import numpy as np
 from ..adapters import GROUPS
 from ..convert.stack import ConversionError, parse_heads
 from ..train import DTYPES, Instructions, Mixture, TextLM, TrainConfig
-from .inputs import InputError
+from .inputs import FiniteRange, InputError
 
 EXIT_INTERRUPTED = 130
 
@@ -112,11 +112,19 @@ def _groups(value: str) -> tuple[str, ...]:
     show_default=True,
     help="Examples per optimizer step.",
 )
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate.")
+@click.option(
+    "--lr",
+    type=FiniteRange(min=0, min_open=True),
+    default=1e-4,
+    show_default=True,
+    help="Peak learning rate.",
+)
 @click.option("--warmup", type=click.IntRange(min=0), default=100, show_default=True)
-@click.option("--min-lr", type=float, default=0.0, show_default=True, help="Cosine decay floor.")
-@click.option("--weight-decay", type=float, default=0.01, show_default=True)
-@click.option("--clip-norm", type=float, default=1.0, show_default=True)
+@click.option(
+    "--min-lr", type=FiniteRange(min=0), default=0.0, show_default=True, help="Cosine decay floor."
+)
+@click.option("--weight-decay", type=FiniteRange(min=0), default=0.01, show_default=True)
+@click.option("--clip-norm", type=FiniteRange(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--eval-every", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--eval-examples", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--save-every", type=click.IntRange(min=1), default=100, show_default=True)

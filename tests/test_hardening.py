@@ -332,6 +332,27 @@ def test_generate_refuses_numbers_out_of_range(tmp_path, option, value):
     assert f"Invalid value for '{option}'" in result.output
 
 
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--lr", "nan"),
+        ("--lr", "0"),
+        ("--lr", "-1e-4"),
+        ("--min-lr", "inf"),
+        ("--weight-decay", "-0.1"),
+        ("--clip-norm", "nan"),
+        ("--clip-norm", "0"),
+    ],
+)
+def test_train_refuses_numbers_out_of_range(tmp_path, option, value):
+    args = ["train", "--data", str(tmp_path / "none.txt"), "--out", str(tmp_path / "out")]
+    args += [option, value]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}'" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def tiny_config(**changes) -> dict:
     llama = {"hidden_size": 32, "num_hidden_layers": 3, "intermediate_size": 48}
     llama |= {"num_attention_heads": 4, "rms_norm_eps": 1e-5, "vocab_size": 97}
