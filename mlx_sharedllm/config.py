@@ -31,6 +31,9 @@ LLAMA_SIZES = (
     "max_position_embeddings",
 )
 LLAMA_REQUIRED_SIZES = LLAMA_SIZES[:5]
+# Far above any real model's size, far below what would overflow the planner's arithmetic
+# or make a config alone allocate a bomb.
+MAX_LLAMA_SIZE = 1 << 24
 
 
 def parse_last_p(value: int | float | str) -> int | float:
@@ -98,7 +101,7 @@ def _check_llama(settings: dict[str, Any], which: str) -> None:
     finite rms_norm_eps and rope_theta."""
     for name in LLAMA_SIZES:
         if settings.get(name) is not None or name in LLAMA_REQUIRED_SIZES:
-            check_int(f"{which}.{name}", settings.get(name), 1)
+            check_int(f"{which}.{name}", settings.get(name), 1, MAX_LLAMA_SIZE)
     for name in ("rms_norm_eps", "rope_theta"):
         value = settings.get(name, 1)
         if isinstance(value, bool) or not isinstance(value, (int, float)):

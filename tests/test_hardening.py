@@ -375,6 +375,10 @@ def tiny_config(**changes) -> dict:
         ({"upper": {"hidden_size": 32}}, "upper lacks"),
         ({"upper": {**tiny_config()["upper"], "vocab_size": "97"}}, "upper.vocab_size"),
         ({"upper": {**tiny_config()["upper"], "rms_norm_eps": -1}}, "upper.rms_norm_eps"),
+        (
+            {"upper": {**tiny_config()["upper"], "num_hidden_layers": 10**12}},
+            "upper.num_hidden_layers must be in 1..16777216",
+        ),
     ],
 )
 def test_bad_configs_are_refused(changes, message):
