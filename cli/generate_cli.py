@@ -156,12 +156,21 @@ def _memory_plan(path: Path, source: TextSource | None, prompt: str, options: di
 
 
 def _saved_context(path: Path, model):
+    """A saved tree, checked against the model; on a CPU, in the model's float dtype:
+    quantized matmuls are slow there (answering about Botchan from its 8-bit tree took
+    116 s, against seconds from float), and only the file needs to be small."""
+    import mlx.core as mx
+
+    from ..cache import TreeFormat
     from ..loading import load_context
 
     try:
-        return load_context(path, model)
+        tree = load_context(path, model)
     except ValueError as e:
         raise InputError(str(e)) from None
+    if mx.default_device() == mx.cpu and tree.layers and tree.layers[0].fmt.bits is not None:
+        tree = tree.stored_as(TreeFormat(model.compute_dtype))
+    return tree
 
 
 def save_bits(model, choice: str | None, group: int) -> int | None:
