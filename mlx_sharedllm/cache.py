@@ -167,6 +167,8 @@ class TreeCache:
     def _float(self, stored) -> mx.array:
         if self.fmt.bits is None:
             return stored
+        if not self.capacity:  # an idle layer's empty tree (mx.dequantize refuses it)
+            return mx.zeros(self.shape, FLOAT_DTYPES[self.fmt.dtype])
         return mx.dequantize(*stored, group_size=self.fmt.group_size, bits=self.fmt.bits)
 
     @property

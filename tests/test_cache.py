@@ -215,3 +215,18 @@ def test_compressing_256_chunks_grows_memory_by_the_tree_only():
         "more tree"
     )
     assert grown <= 1.15 * (large_tree - small_tree)
+
+
+@pytest.mark.parametrize("capacity", [0, 40])
+def test_a_tree_cache_converts_between_formats(capacity):
+    float_fmt, eight = TreeFormat("float32"), TreeFormat("float32", 8, 32)
+    cache = TreeCache(2, capacity, 32, float_fmt)
+    if capacity:
+        cache.write(0, mx.random.normal((2, capacity, 32)), mx.random.normal((2, capacity, 32)))
+    small = cache.stored_as(eight)
+    back = small.stored_as(float_fmt)
+    assert small.fmt == eight and back.fmt == float_fmt and back.shape == cache.shape
+    for a, b in zip(small.dequantized(), back.dequantized()):
+        assert np.array_equal(np.array(a), np.array(b))
+    if capacity:
+        assert small.nbytes < cache.nbytes / 3
