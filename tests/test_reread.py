@@ -268,7 +268,7 @@ def test_no_room_in_the_window_reads_the_tree_without_rereading(loaded, book):  
     assert responses[-1].passages == () and responses[-1].reread_tokens == 0
 
 
-def test_prompt_ids_outside_the_vocabulary_are_refused(loaded):
+def test_prompt_ids_outside_the_vocabulary_are_refused(loaded):  # noqa: F811
     model, tokenizer = loaded
     with pytest.raises(ValueError, match="the prompt holds token id"):
         generate(model, tokenizer, [5, 6, 10**9], max_tokens=2)
