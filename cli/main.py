@@ -14,12 +14,10 @@ from ..convert.stack import INITS, StackOptions, parse_heads
 from ..convert.tables import ConversionError
 from ..convert.torch_bin import CheckpointError
 from ..plan import MAX_TOKENS
+from . import EXIT_INTERRUPTED
 from .inputs import FiniteRange, InputError, read_prompt, read_text_file
 from .plan_cli import plan_command
 from .train_cli import fuse_command, train_command
-
-EXIT_INTERRUPTED = 130
-
 
 FINITE = FiniteRange(min=0)
 FRACTION = FiniteRange(0, 1)

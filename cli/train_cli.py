@@ -11,9 +11,8 @@ import numpy as np
 from ..adapters import GROUPS
 from ..convert.stack import ConversionError, parse_heads
 from ..train import DTYPES, Instructions, Mixture, TextLM, TrainConfig
+from . import EXIT_INTERRUPTED
 from .inputs import FiniteRange, InputError
-
-EXIT_INTERRUPTED = 130
 
 
 def _task(files: tuple[Path, ...], task: str) -> str:
