@@ -149,7 +149,7 @@ ENTRY = (
 )
 
 
-@pytest.mark.parametrize("delay", [0.05, 0.3])
+@pytest.mark.parametrize("delay", [0.2, 0.5])
 def test_ctrl_c_while_the_command_starts_exits_130_without_a_traceback(delay):
     import signal
     import subprocess
@@ -171,5 +171,5 @@ def test_ctrl_c_while_the_command_starts_exits_130_without_a_traceback(delay):
     out, err = process.communicate(timeout=60)
     if process.returncode == 0:  # it finished first: nothing to interrupt
         return
-    assert process.returncode == 130, err.decode()
+    assert process.returncode == 130, (process.returncode, err.decode())
     assert b"Traceback" not in err and b"interrupted" in err
