@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -20,7 +22,27 @@ from .plan_cli import plan_command
 from .train_cli import fuse_command, train_command
 
 FINITE = FiniteRange(min=0)
+MODEL_OPTION = click.option(
+    "--model",
+    default=None,
+    help="A converted model folder or Hub repo (default: embedded SmolLM2-135M).",
+)
+ENCODING_OPTION = click.option(
+    "--encoding", default="utf-8", show_default=True, help="The file's text encoding."
+)
 FRACTION = FiniteRange(0, 1)
+
+
+@contextlib.contextmanager
+def one_line_errors(*errors: type[Exception]) -> Iterator[None]:
+    """These errors as one `Error:` line (exit 1); Ctrl-C as "interrupted" (exit 130)."""
+    try:
+        yield
+    except errors as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        tqdm.write("\ninterrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 @click.group()
@@ -109,7 +131,7 @@ def convert_command(
     (a Hugging Face folder or a .gguf file) with --stack-from-one M; a local path or a
     Hugging Face repo id.
     """
-    try:
+    with one_line_errors(ConversionError, CheckpointError, FileExistsError, ValueError):
         heads = parse_heads(copy_heads) if copy_heads else None
         if heads and not stack_m:
             raise ValueError("--copy-heads needs --stack-from-one")
@@ -124,11 +146,6 @@ def convert_command(
             tree=_tree_options(chunk_len, tree_depth, last_p, policy),
             force=force,
         )
-    except (ConversionError, CheckpointError, FileExistsError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
-    except KeyboardInterrupt:
-        tqdm.write("\ninterrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
     click.echo(f"wrote {path}", err=True)
 
 
@@ -160,7 +177,7 @@ def default_model_command() -> None:
 @click.option(
     "--file", "file_", default=None, help="The long context: a text file, or - for stdin."
 )
-@click.option("--encoding", default="utf-8", show_default=True, help="The file's text encoding.")
+@ENCODING_OPTION
 @click.option("--prompt", default=None, help="The question or instruction.")
 @click.option(
     "--prompt-file",
@@ -168,11 +185,7 @@ def default_model_command() -> None:
     default=None,
     help="Read the prompt from a file.",
 )
-@click.option(
-    "--model",
-    default=None,
-    help="A converted model folder or Hub repo (default: embedded SmolLM2-135M).",
-)
+@MODEL_OPTION
 @click.option("--max-tokens", type=click.IntRange(1, MAX_TOKENS), default=256, show_default=True)
 @click.option("--temp", type=FINITE, default=0.0, show_default=True)
 @click.option("--top-p", type=FRACTION, default=0.0, show_default=True, help="0 disables.")
@@ -261,7 +274,7 @@ def generate_command(
     tree_bits = options["tree_bits"]
     for name in ("tree_bits", "tree_group_size", "kv_bits", "kv_group_size"):
         options[name] = None if options[name] in (None, "float") else int(options[name])
-    try:
+    with one_line_errors(InputError):
         if context_path is not None and file_:
             raise InputError("give --file or --context, not both")
         if save_context is not None and not file_:
@@ -281,29 +294,20 @@ def generate_command(
             save_tree_bits=tree_bits,
             context_path=context_path,
         )
-    except InputError as e:
-        raise click.ClickException(str(e)) from None
-    except KeyboardInterrupt:
-        tqdm.write("\ninterrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
 
 
 @cli.command("compress")
 @click.option(
     "--file", "file_", required=True, help="The long context: a text file, or - for stdin."
 )
-@click.option("--encoding", default="utf-8", show_default=True, help="The file's text encoding.")
+@ENCODING_OPTION
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
     required=True,
     help="Where to write the compressed context (read it with `generate --context`).",
 )
-@click.option(
-    "--model",
-    default=None,
-    help="A converted model folder or Hub repo (default: embedded SmolLM2-135M).",
-)
+@MODEL_OPTION
 @click.option(
     "--prompt",
     default=None,
@@ -328,7 +332,7 @@ def compress_command(
     `generate --context`."""
     from .generate_cli import run_compress
 
-    try:
+    with one_line_errors(InputError):
         run_compress(
             read_text_file(file_, encoding),
             model,
@@ -339,11 +343,6 @@ def compress_command(
             adapter=adapter,
             force=force,
         )
-    except InputError as e:
-        raise click.ClickException(str(e)) from None
-    except KeyboardInterrupt:
-        tqdm.write("\ninterrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
 
 
 cli.add_command(train_command)

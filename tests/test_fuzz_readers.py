@@ -40,6 +40,7 @@ from test_torch_bin import (
 
 from mlx_sharedllm.convert.files import CheckpointError
 from mlx_sharedllm.convert.gguf import read_gguf, save_gguf_tokenizer
+from mlx_sharedllm.convert.gguf_header import _SCALARS
 from mlx_sharedllm.convert.safetensors_reader import load_safetensors
 from mlx_sharedllm.convert.tables import ConversionError
 from mlx_sharedllm.convert.torch_bin import load_sharded_bin, load_torch_bin
@@ -488,19 +489,6 @@ def overlapping_bin(path: Path, count: int, size: int = 1 << 10) -> Path:
 # --- GGUF ---------------------------------------------------------------------------------------
 
 U32, I32, F32, BOOL, STRING, ARRAY, U64 = 4, 5, 6, 7, 8, 9, 10
-_FORMATS = {
-    0: "B",
-    1: "b",
-    2: "H",
-    3: "h",
-    4: "I",
-    5: "i",
-    6: "f",
-    7: "?",
-    10: "Q",
-    11: "q",
-    12: "d",
-}
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUV"
 MERGES = [f"{CHARS[2 * i]} {CHARS[2 * i + 1]}" for i in range(VOCAB - len(CHARS))]
 TOKENS = list(CHARS) + [m.replace(" ", "") for m in MERGES]
@@ -519,7 +507,7 @@ def gguf_value(kind: int, value: Any) -> bytes:
         return struct.pack("<IQ", item_kind, len(items)) + b"".join(
             gguf_value(item_kind, item) for item in items
         )
-    return struct.pack(f"<{_FORMATS[kind]}", value)
+    return struct.pack(f"<{_SCALARS[kind]}", value)
 
 
 def llama_metadata() -> dict[str, tuple[int, Any]]:
