@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from ..config import POLICIES, parse_last_p
 from ..convert.checkpoint import DTYPES, convert
-from ..convert.stack import INITS, StackOptions, parse_heads
+from ..convert.stack import INITS, StackOptions, parse_copy_heads
 from ..convert.tables import ConversionError
 from ..convert.torch_bin import CheckpointError
 from ..plan import MAX_TOKENS
@@ -92,7 +92,8 @@ def _tree_options(chunk_len, tree_depth, last_p, policy) -> dict:
 @click.option(
     "--copy-heads",
     default=None,
-    help="With --init copy: copy only these heads' output, e.g. '17.3,18.6' (layer.head).",
+    help="With --init copy: copy only these heads' output, e.g. '17.3,18.6' (layer.head), "
+    "or find the model's retrieval heads: 'auto' (those that stand out) or 'auto:4'.",
 )
 @click.option("--chunk-len", type=int, default=None, help="Tokens per chunk (default 1024).")
 @click.option(
@@ -132,7 +133,7 @@ def convert_command(
     Hugging Face repo id.
     """
     with one_line_errors(ConversionError, CheckpointError, FileExistsError, ValueError):
-        heads = parse_heads(copy_heads) if copy_heads else None
+        heads = parse_copy_heads(copy_heads) if copy_heads else {}
         if heads and not stack_m:
             raise ValueError("--copy-heads needs --stack-from-one")
         path = convert(
@@ -142,7 +143,7 @@ def convert_command(
             quantize=quantize,
             q_bits=q_bits,
             q_group_size=int(q_group_size),
-            stack=StackOptions(stack_m, init, heads) if stack_m else None,
+            stack=StackOptions(stack_m, init, **heads) if stack_m else None,
             tree=_tree_options(chunk_len, tree_depth, last_p, policy),
             force=force,
         )

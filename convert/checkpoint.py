@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -27,7 +28,7 @@ from .files import read_json, read_weight_map
 from .gguf import read_gguf, save_gguf_tokenizer
 from .released import config_from_released, weight_table
 from .safetensors_reader import load_safetensors
-from .stack import StackOptions, stack_from_one
+from .stack import StackOptions, keep_heads, stack_from_one
 from .tables import ConversionError, check_weights
 from .torch_bin import load_torch_bin
 
@@ -42,6 +43,8 @@ SIDE_FILES = (
     "chat_template.jinja",
 )
 HUB_PATTERNS = ["*.json", "*.safetensors", "pytorch_model*.bin", "tokenizer.model", "*.jinja"]
+
+HEADS_HAYSTACK = 1024  # tokens of haystack around each planted fact, when finding heads
 
 Loader = Callable[[Path], dict[str, mx.array]]
 
@@ -173,6 +176,8 @@ def convert(
         raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     src = resolve_source(src)
     model = build_model(src, DTYPES.get(dtype), stack, progress)
+    if stack is not None and stack.auto_heads is not None:
+        copy_retrieval_heads(src, model, stack, progress)
     model.config = dataclasses.replace(model.config, **(tree or {}))
     config = model.config.to_dict()
     if quantize:
@@ -182,15 +187,42 @@ def convert(
     return out
 
 
-def _save(tmp: Path, src: Path, model: SharedLLM, config: dict) -> None:
-    save_model(tmp, model)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+def copy_retrieval_heads(src: Path, model: SharedLLM, stack: StackOptions, progress: bool) -> None:
+    """Find the base model's retrieval heads below the injection layers (heads.py) and
+    keep only theirs in the injection's copied output."""
+    from mlx_lm.utils import load_tokenizer
+
+    from ..heads import find_heads
+
+    with tempfile.TemporaryDirectory() as folder:
+        _save_tokenizer(src, Path(folder))
+        if not any(Path(folder).iterdir()):
+            raise ConversionError(f"{src} has no tokenizer, which finding heads needs")
+        tokenizer = load_tokenizer(Path(folder))
+    if progress:
+        print(f"finding retrieval heads in layers 0-{stack.m - 1}...", file=sys.stderr)
+    # Haystacks well inside the window, so that the heads are scored where they work.
+    length = min(HEADS_HAYSTACK, model.args.max_position_embeddings // 2)
+    heads = find_heads(model, tokenizer, stack.m, stack.auto_heads or None, length=length)
+    if progress:
+        found = ", ".join(f"{h} ({h.score:.2f})" for h in heads)
+        print(f"copying heads {found}", file=sys.stderr)
+    keep_heads(model, [(h.layer, h.head) for h in heads], stack.m)
+
+
+def _save_tokenizer(src: Path, folder: Path) -> None:
     if src.is_file():
-        save_gguf_tokenizer(src, tmp)
+        save_gguf_tokenizer(src, folder)
         return
     for name in SIDE_FILES:
         if (src / name).exists():
-            shutil.copy2(src / name, tmp / name)
+            shutil.copy2(src / name, folder / name)
+
+
+def _save(tmp: Path, src: Path, model: SharedLLM, config: dict) -> None:
+    save_model(tmp, model)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _save_tokenizer(src, tmp)
 
 
 def _write_atomically(out: Path, force: bool, write: Callable[[Path], None]) -> None:

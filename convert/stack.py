@@ -25,16 +25,25 @@ class StackOptions:
     `heads` ((layer, head) pairs, with `copy`) copies o_proj for those heads only and
     zeroes the rest: the base model's retrieval heads then read the tree from the start,
     while every other head adds nothing (copying all heads adds each head's output twice,
-    which breaks the model).
+    which breaks the model). `auto_heads` finds those heads instead (heads.py): that many,
+    or with 0 those that stand out.
     """
 
     m: int
     init: str = "zero"
     heads: tuple[tuple[int, int], ...] | None = None
+    auto_heads: int | None = None
 
     def __post_init__(self) -> None:
         if self.init not in INITS:
             raise ConversionError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.auto_heads is not None:
+            if self.init != "copy":
+                raise ConversionError("finding heads to copy needs init 'copy'")
+            if self.heads is not None:
+                raise ConversionError("name heads to copy, or find them (auto), not both")
+            if self.auto_heads < 0:
+                raise ConversionError(f"auto heads must be 0 or more, got {self.auto_heads}")
         if self.heads is not None:
             self.heads = tuple((int(layer), int(head)) for layer, head in self.heads)
             if self.init != "copy":
@@ -52,7 +61,32 @@ def parse_heads(value: str) -> tuple[tuple[int, int], ...]:
         pairs = [item.strip().split(".") for item in value.split(",") if item.strip()]
         return tuple((int(layer), int(head)) for layer, head in pairs)
     except ValueError:
-        raise ConversionError(f"heads must look like '17.3,18.6', got {value!r}") from None
+        raise ConversionError(
+            f"heads must look like '17.3,18.6' or 'auto' or 'auto:4', got {value!r}"
+        ) from None
+
+
+def parse_copy_heads(value: str) -> dict:
+    """The StackOptions fields that a `--copy-heads` value sets: 'auto' (the heads that
+    stand out), 'auto:4' (the best 4) or '17.3,18.6'."""
+    name, _, count = value.strip().partition(":")
+    if name != "auto":
+        return {"heads": parse_heads(value)}
+    if not count:
+        return {"auto_heads": 0}
+    if not count.isdigit() or int(count) < 1:
+        raise ConversionError(f"'auto:N' needs a count of 1 or more, got {value!r}")
+    return {"auto_heads": int(count)}
+
+
+def keep_heads(model: SharedLLM, heads: Iterable[tuple[int, int]], m: int) -> None:
+    """Zero the injection output of every head but `heads` in layers 0..m-1 (their
+    cross-attention started as a copy of all heads)."""
+    stack = StackOptions(m, "copy", tuple(heads))
+    n_heads = model.args.num_attention_heads
+    for i in range(m):
+        o_proj = model.layers[i].cross_attn.o_proj
+        o_proj.weight = o_proj.weight * _head_mask(stack, i, o_proj.weight, n_heads)
 
 
 def base_table(args: LlamaArgs) -> tuple[dict[str, Shape], dict[str, Shape]]:

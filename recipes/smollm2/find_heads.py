@@ -6,7 +6,9 @@ look at the needle's digit while the answer writes that digit.
 Training data only (Sherlock Holmes, TRAIN_TEMPLATES, even digit sums). For each needle
 the answer is teacher-forced after the question; a head's score is its mean attention
 from the position that predicts answer digit j to the needle's digit j. The top heads
-are the ones the default model's injection copies at init (default.py).
+are the ones the default model's injection copies at init (default.py). The library's
+`mlx_sharedllm.heads.find_heads` (`convert --copy-heads auto`) finds the same four with its
+own built-in haystack and needles.
 """
 
 from __future__ import annotations
@@ -20,41 +22,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 import mlx_sharedllm  # noqa: E402,F401,I001  (OpenBLAS before mlx, on Linux)
-import mlx.core as mx  # noqa: E402
-from mlx_lm.models.base import create_attention_mask  # noqa: E402
 from needles import TRAIN_TEMPLATES, TRAIN_WORDS, fill, insert, sentence_ends  # noqa: E402
 from sources import training_texts  # noqa: E402
 
 from mlx_sharedllm.generate import encode_prompt  # noqa: E402
+from mlx_sharedllm.heads import Probe, best_heads, head_scores  # noqa: E402
 from mlx_sharedllm.loading import load  # noqa: E402
 
 NUMBER_TEMPLATES = [t for t in TRAIN_TEMPLATES if t.slot == "number"]
-
-
-def attention_rows(layer, h: mx.array, rows: mx.array) -> mx.array:
-    """Layer's self-attention weights (heads, len(rows), L) at query positions `rows`."""
-    attn, x = layer.self_attn, layer.input_layernorm(h)
-    b, length, _ = x.shape
-    q = attn.q_proj(x).reshape(b, length, attn.n_heads, -1).transpose(0, 2, 1, 3)
-    k = attn.k_proj(x).reshape(b, length, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-    q, k = attn.rope(q)[:, :, rows], attn.rope(k)
-    k = mx.repeat(k, attn.n_heads // attn.n_kv_heads, axis=1)
-    scores = (q @ k.transpose(0, 1, 3, 2)) * attn.scale
-    scores = mx.where(mx.arange(length)[None] <= rows[:, None], scores, -mx.inf)
-    return mx.softmax(scores, axis=-1)[0]
-
-
-def head_scores(model, tokens: np.ndarray, queries: list[int], targets: list[int]) -> np.ndarray:
-    """(layers, heads) attention from each query position to its target position."""
-    h = model.model.embed_tokens(mx.array(tokens[None]))
-    mask = create_attention_mask(h, None)
-    rows, cols = mx.array(queries), mx.array(targets)
-    out = []
-    for layer in model.layers:
-        weights = attention_rows(layer, h, rows)
-        out.append(np.array(weights[:, mx.arange(len(queries)), cols].mean(axis=1)))
-        h = layer(h, mask)
-    return np.stack(out)
 
 
 def needle_case(tokenizer, haystack, ends, rng, depth: float):
@@ -67,7 +42,7 @@ def needle_case(tokenizer, haystack, ends, rng, depth: float):
     prompt = encode_prompt(tokenizer, f"{question} Answer with the number only.")
     tokens = np.concatenate([context, prompt, answer_ids])
     first = len(context) + len(prompt) - 1
-    return tokens, [first + j for j in range(len(answer_ids))], digits
+    return Probe(tokens, np.arange(first, first + len(answer_ids)), np.asarray(digits))
 
 
 def main() -> None:
@@ -87,13 +62,11 @@ def main() -> None:
     total = 0
     for i in range(a.needles):
         depth = 0.05 + 0.9 * (i % 5) / 4
-        tokens, queries, targets = needle_case(tokenizer, haystack, ends, rng, depth)
-        assert len(queries) == len(targets), "the needle's digits are not one token each"
-        total = total + head_scores(model, tokens, queries, targets)
-    score = total / a.needles
-    order = np.argsort(-score, axis=None)[: a.top]
-    for layer, head in zip(*np.unravel_index(order, score.shape)):
-        print(f"{layer}.{head}: {score[layer, head]:.3f}")
+        probe = needle_case(tokenizer, haystack, ends, rng, depth)
+        assert len(probe.rows) == len(probe.targets), "the needle's digits are not one token each"
+        total = total + head_scores(model, probe, len(model.layers))
+    for head in best_heads(total / a.needles, a.top):
+        print(f"{head}: {head.score:.3f}")
 
 
 if __name__ == "__main__":
