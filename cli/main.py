@@ -19,6 +19,7 @@ from ..plan import MAX_TOKENS
 from . import EXIT_INTERRUPTED
 from .inputs import FiniteRange, InputError, read_prompt, read_text_file
 from .plan_cli import plan_command
+from .serve_cli import serve_command
 from .train_cli import fuse_command, train_command
 
 FINITE = FiniteRange(min=0)
@@ -349,3 +350,4 @@ def compress_command(
 cli.add_command(train_command)
 cli.add_command(fuse_command)
 cli.add_command(plan_command)
+cli.add_command(serve_command)
