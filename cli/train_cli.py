@@ -10,6 +10,7 @@ import numpy as np
 
 from ..adapters import GROUPS
 from ..convert.stack import ConversionError, parse_heads
+from ..distributed import DEFAULT_TIMEOUT
 from ..train import DTYPES, Instructions, Mixture, TextLM, TrainConfig
 from . import EXIT_INTERRUPTED
 from .inputs import FiniteRange, InputError
@@ -203,17 +204,35 @@ def _groups(value: str) -> tuple[str, ...]:
     help="Train in this dtype (the adapter still fits the model as stored).",
 )
 @click.option("--encoding", default="utf-8", show_default=True, help="The data's text encoding.")
+@click.option(
+    "--peer-timeout",
+    type=FiniteRange(min=0, min_open=True),
+    default=DEFAULT_TIMEOUT,
+    show_default=True,
+    help="Under mlx.launch: seconds a process waits for the others before it stops the run.",
+)
 def train_command(model, data, eval_data, task, out, resume, stop_after, groups, **options) -> None:
     """Train the context injection of a model on DATA; write an adapter to OUT.
 
     The lower model stays frozen. OUT gets adapter.safetensors + adapter.json (use them
     with `generate --adapter` or `fuse`), a checkpoint/ to --resume from, and log.jsonl.
     Ctrl-C stops after the current step, with a checkpoint saved.
+
+    Under `mlx.launch`, the processes train data parallel: --grad-accum examples each
+    per step (the global batch is that times the processes); rank 0 writes OUT.
     """
+    from ..distributed import PeerLost, launched
     from ..train import train
 
+    world = launched(options.pop("peer_timeout"))
     try:
         config = TrainConfig(**_train_options(options, _groups(groups)))
+        if world.size > 1 and world.main:
+            click.echo(
+                f"{world.size} processes, {config.grad_accum} examples each per step: "
+                f"a global batch of {world.size * config.grad_accum}",
+                err=True,
+            )
         shared, tokenizer = _load(model)
         kind = _task(data, task)
         train_source = make_source(data, kind, tokenizer, shared.config, options, config.seed)
@@ -231,18 +250,29 @@ def train_command(model, data, eval_data, task, out, resume, stop_after, groups,
             resume,
             stop_after=stop_after,
             distractor_text=distractors,
+            world=world,
         )
+    except PeerLost as e:
+        raise click.ClickException(f"{e}; the checkpoint in {out} resumes with --resume") from None
     except (InputError, ValueError, FileExistsError) as e:
-        raise click.ClickException(str(e)) from None
+        raise click.ClickException(_ranked(world, str(e))) from None
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted; the checkpoint in {out} resumes with --resume", err=True)
+        if world.main:
+            click.echo(f"\ninterrupted; the checkpoint in {out} resumes with --resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    if not world.main:
+        return
     evaluated = "" if result.eval_loss is None else f", eval loss {result.eval_loss:.4f}"
     click.echo(
         f"trained {result.steps} steps in {result.seconds:.0f}s: loss {result.loss:.4f}"
         f"{evaluated}; adapter in {out}",
         err=True,
     )
+
+
+def _ranked(world, message: str) -> str:
+    """The message, naming the process when there are several."""
+    return f"rank {world.rank}: {message}" if world.size > 1 else message
 
 
 def _train_options(options: dict, groups: tuple[str, ...]) -> dict:

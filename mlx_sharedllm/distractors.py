@@ -65,7 +65,9 @@ class Distractors:
     chunks: the example's chunks go in, in order, at a random place among distractor
     chunks drawn at random (`last=True` keeps them last, next to the running text they
     continue). The number of chunks is drawn log-uniformly between the example's and
-    `max_chunks`, so every scale of length is trained alike."""
+    `max_chunks`, so every scale of length is trained alike. `compress(chunks)`, if
+    given, makes the bank's tree instead of `model.compress` (data-parallel training
+    compresses it in shares across processes)."""
 
     def __init__(
         self,
@@ -73,6 +75,7 @@ class Distractors:
         tokens: np.ndarray,
         max_chunks: int,
         progress: Callable[[int, int], None] | None = None,
+        compress: Callable[[np.ndarray], ContextTree] | None = None,
     ):
         if not movable_chunks(model):
             raise ValueError(
@@ -89,18 +92,36 @@ class Distractors:
             )
         self.model, self.max_chunks = model, max_chunks
         chunks = np.asarray(tokens[: bank * chunk_len]).reshape(bank, chunk_len)
-        self.bank = model.compress(mx.array(chunks), mx.array(chunks[0, :1]), progress)
+        if compress is None:
+            self.bank = model.compress(mx.array(chunks), mx.array(chunks[0, :1]), progress)
+        else:
+            self.bank = compress(chunks)
 
     def pad(
         self, tree: ContextTree, rng: np.random.Generator, last: bool = False
     ) -> tuple[ContextTree, int]:
         """(the padded tree, the chunk position of the example's first chunk)."""
-        n = tree.n_chunks
+        return self.place(tree, self.draw(tree.n_chunks, rng, last))
+
+    def draw(
+        self, n: int, rng: np.random.Generator, last: bool = False
+    ) -> tuple[np.ndarray, int] | None:
+        """The random part of padding a tree of `n` chunks: (the bank chunks drawn, the
+        position of the tree's first chunk), or None when it is long enough."""
         if n >= self.max_chunks:
-            return tree, 0
+            return None
         total = round(math.exp(rng.uniform(math.log(n), math.log(self.max_chunks))))
         picks = rng.choice(self.bank.n_chunks, total - n, replace=False)
         first = total - n if last else int(rng.integers(0, total - n + 1))
+        return picks, first
+
+    def place(
+        self, tree: ContextTree, drawn: tuple[np.ndarray, int] | None
+    ) -> tuple[ContextTree, int]:
+        """(`tree` padded as `draw` drew, the chunk position of its first chunk)."""
+        if drawn is None:
+            return tree, 0
+        picks, first = drawn
         pieces = [(self.bank, int(j)) for j in picks]
-        pieces[first:first] = [(tree, j) for j in range(n)]
+        pieces[first:first] = [(tree, j) for j in range(tree.n_chunks)]
         return arrange(self.model, pieces), first

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from .adapters import ADAPTER_FILES, GROUPS, load_adapter, save_adapter, set_trainable
 from .config import check_log_scale
 from .distractors import Distractors
+from .distributed import World, compress_in_shares
 from .model import AttentionTap, SharedLLM
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -404,11 +406,19 @@ def draw_splits(chunk_len: int, depth: int, sigma: float, rng: np.random.Generat
 
 def build_tree(model: SharedLLM, example: Example, sigma: float, rng: np.random.Generator):
     """The example's context tree, with split noise when sigma > 0 (training only)."""
-    context, query = mx.array(example.context), mx.array(example.query)
+    return _compress(model, example, _splits(model, sigma, rng))
+
+
+def _splits(model: SharedLLM, sigma: float, rng: np.random.Generator) -> list[int] | None:
     if sigma <= 0:
+        return None
+    return draw_splits(model.config.chunk_len, model.config.tree_depth, sigma, rng)
+
+
+def _compress(model: SharedLLM, example: Example, splits: list[int] | None):
+    context, query = mx.array(example.context), mx.array(example.query)
+    if splits is None:
         return model.compress(context, query)
-    config = model.config
-    splits = draw_splits(config.chunk_len, config.tree_depth, sigma, rng)
     return model.compress(context, query, splits=splits)
 
 
@@ -481,6 +491,7 @@ class TrainState:
     rng: dict = field(default_factory=dict)
     base_fingerprint: str = ""
     config: dict = field(default_factory=dict)
+    processes: int = 1  # of the run that wrote the checkpoint (a resumed run may differ)
 
 
 @dataclass
@@ -493,6 +504,7 @@ class StepInfo:
     tokens_per_s: float
     eval_loss: float | None = None
     attention_loss: float | None = None  # per taught (row, head), when there was one
+    batch: int | None = None  # examples per step over all processes (several processes)
 
 
 @dataclass
@@ -575,13 +587,20 @@ def _arrays(example: Example) -> tuple[mx.array, mx.array, mx.array]:
     return mx.array(example.inputs), mx.array(example.targets), mx.array(example.mask)
 
 
-def evaluate(model: SharedLLM, source: ExampleSource, count: int) -> float:
-    """Mean loss per target token over the first `count` examples, without split noise."""
+def evaluate(
+    model: SharedLLM, source: ExampleSource, count: int, world: World | None = None
+) -> float:
+    """Mean loss per target token over the first `count` examples, without split noise
+    (with several processes, each evaluates every `world.size`-th example)."""
+    world = world or World()
     total = tokens = 0.0
-    for example in itertools.islice(source.examples(0), count):
+    for i, example in enumerate(itertools.islice(source.examples(0), count)):
+        if i % world.size != world.rank:
+            continue
         tree = build_tree(model, example, 0.0, np.random.default_rng(0))
         loss, _ = example_loss(model, *_arrays(example), tree)
         total, tokens = total + loss.item(), tokens + float(example.mask.sum())
+    total, tokens = world.sum([total, tokens], "summing the eval loss")
     return total / max(tokens, 1.0)
 
 
@@ -598,12 +617,14 @@ def _stream(source: ExampleSource, state: TrainState) -> Iterator[Example]:
 
 
 class _Trainer:
-    def __init__(self, model, source, out, config, eval_source, base_fingerprint):
+    def __init__(self, model, source, out, config, eval_source, base_fingerprint, world):
         self.model, self.source, self.out, self.config = model, source, Path(out), config
-        self.eval_source = eval_source
+        self.eval_source, self.world = eval_source, world
         sigma = config.split_noise
         self.sigma = getattr(source, "split_sigma", SIGMA_SFT) if sigma is None else sigma
-        self.state = TrainState(base_fingerprint=base_fingerprint, config=asdict(config))
+        self.state = TrainState(
+            base_fingerprint=base_fingerprint, config=asdict(config), processes=world.size
+        )
         self.rng = np.random.default_rng(config.seed)
         self.optimizer = make_optimizer(config)
         self.optimizer.init(model.trainable_parameters())
@@ -618,14 +639,19 @@ class _Trainer:
         return loss + self.config.attention_loss * attn, loss, attn
 
     def step(self, examples: Iterator[Example]) -> tuple[float, int, float | None]:
-        """One optimizer step over `grad_accum` examples: (mean token loss, tokens, mean
-        attention loss per taught row, or None)."""
+        """One optimizer step over `grad_accum` examples per process: (mean token loss,
+        tokens, mean attention loss per taught row, or None), over all processes."""
+        world = self.world
+        batch = list(itertools.islice(examples, self.config.grad_accum * world.size))
+        # Every process draws for every example: the random stream is one process's.
+        drawn = [self._draw(example) for example in batch]
+        mine = world.share(len(batch))
         grads, total, targets, tokens, attn, rows = None, 0.0, 0.0, 0, 0.0, 0
-        for example in itertools.islice(examples, self.config.grad_accum):
-            tree = build_tree(self.model, example, self._sigma(example), self.rng)
+        for example, (splits, padding) in zip(batch[mine], drawn[mine]):
+            tree = _compress(self.model, example, splits)
             first = 0
             if self.distractors is not None:
-                tree, first = self.distractors.pad(tree, self.rng, last=example.continues)
+                tree, first = self.distractors.place(tree, padding)
             target = self._attention_target(example, tree, first * tree.chunk_len)
             (_, loss, part), g = self.loss_and_grad(self.model, *_arrays(example), tree, target)
             grads = g if grads is None else tree_map(mx.add, grads, g)
@@ -634,11 +660,25 @@ class _Trainer:
             attn, rows = attn + part.item(), rows + n_rows
             total = total + loss.item()
             targets, tokens = targets + float(example.mask.sum()), tokens + example.tokens
-        grads = tree_map(lambda g: g / max(targets, 1.0), grads)
+        divisor = max(targets, 1.0)
+        if world.size > 1:
+            sums = world.sum([total, targets, tokens, attn, rows], "summing the step's losses")
+            total, targets, tokens, attn, rows = sums
+            tokens, divisor = int(tokens), max(targets, 1.0) / world.size
+            grads = world.average_gradients(grads)
+        grads = tree_map(lambda g: g / divisor, grads)
         grads, _ = optim.clip_grad_norm(grads, self.config.clip_norm)
         self.optimizer.update(self.model, grads)
-        mx.eval(self.model.trainable_parameters(), self.optimizer.state)
+        parameters = self.model.trainable_parameters()
+        world.wait("averaging the gradients", parameters, self.optimizer.state)
         return total / max(targets, 1.0), tokens, attn / rows if rows else None
+
+    def _draw(self, example: Example) -> tuple[list[int] | None, Any]:
+        """The example's random draws: its split noise and its distractor padding."""
+        splits = _splits(self.model, self._sigma(example), self.rng)
+        if self.distractors is None:
+            return splits, None
+        return splits, self.distractors.draw(len(example.context), self.rng, example.continues)
 
     def _attention_target(self, example: Example, tree, shift: int) -> AttentionTarget | None:
         """The example's evidence as tree entries; its context starts at entry `shift`."""
@@ -669,9 +709,11 @@ class _Trainer:
         lr = self.optimizer.learning_rate.item()
         speed = self.tokens / (time.perf_counter() - start)
         info = StepInfo(self.state.step, loss, lr, speed, attention_loss=attn)
+        if self.world.size > 1:
+            info.batch = self.config.grad_accum * self.world.size
         if self.eval_source and (self.state.step % self.config.eval_every == 0 or self.done):
             info.eval_loss = self.eval_loss = evaluate(
-                self.model, self.eval_source, self.config.eval_examples
+                self.model, self.eval_source, self.config.eval_examples, self.world
             )
         return info
 
@@ -696,12 +738,21 @@ class _Trainer:
         (folder / "state.json").write_text(json.dumps(asdict(self.state), indent=1) + "\n")
 
     def restore(self) -> None:
-        """Continue from the checkpoint in `out`: weights, optimizer, RNG, data position."""
-        folder = self.out / CHECKPOINT
+        """Continue from the checkpoint in `out`: weights, optimizer, RNG, data position.
+
+        The other processes read rank 0's checkpoint, sent to them."""
+        with tempfile.TemporaryDirectory() as copy:
+            folder = self.world.broadcast_folder(self.out / CHECKPOINT, Path(copy), "resuming")
+            self._restore(folder)
+        if self.world.main:
+            _truncate_log(self.out / LOG, self.state.step)
+
+    def _restore(self, folder: Path) -> None:
         saved = TrainState(**json.loads((folder / "state.json").read_text()))
+        name = self.out / CHECKPOINT
         if saved.base_fingerprint != self.state.base_fingerprint:
             raise ValueError(
-                f"{folder} was trained from another base model "
+                f"{name} was trained from another base model "
                 f"(fingerprint {saved.base_fingerprint}, this one {self.state.base_fingerprint})"
             )
         defaults = TrainConfig()
@@ -711,14 +762,13 @@ class _Trainer:
             )
             trained = saved.config.get(key, default)  # a key older checkpoints lack
             if trained != value:
-                raise ValueError(f"{folder} trained {key} {trained}, not {value}")
+                raise ValueError(f"{name} trained {key} {trained}, not {value}")
         load_adapter(self.model, folder, check_fingerprint=False)
         opt = mx.load(str(folder / "optimizer.safetensors"))
         self.optimizer.state = tree_map_with_path(lambda p, _: opt[p], self.optimizer.state)
         self.rng.bit_generator.state = saved.rng
-        saved.config = self.state.config
+        saved.config, saved.processes = self.state.config, self.world.size
         self.state = saved
-        _truncate_log(self.out / LOG, saved.step)
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -759,6 +809,7 @@ def train(
     callback: Callable[[StepInfo], None] | None = None,
     stop_after: int | None = None,
     distractor_text: np.ndarray | None = None,
+    world: World | None = None,
 ) -> TrainResult:
     """Train the injection of `model` on `data`; write checkpoints and the adapter to `out`.
 
@@ -770,6 +821,10 @@ def train(
     `stop_after` ends the run at that step of the schedule, as Ctrl-C would (checkpoint
     and adapter saved; `resume` continues it). `distractor_text` (token ids) is the text
     of the distractor chunks when `config.distractor_chunks` is set.
+
+    `world` (see distributed.py): the processes `mlx.launch` started, which train data
+    parallel with `grad_accum` examples each per step; rank 0 alone writes `out` and
+    shows progress. None: this process alone.
     """
     config = config or TrainConfig()
     if (distractor_text is None) != (config.distractor_chunks == 0):
@@ -782,31 +837,48 @@ def train(
     if config.dtype:
         model.set_dtype(DTYPES[config.dtype])
     set_trainable(model, config.train, config.injection_layers)
-    out = Path(out)
-    trainer = _Trainer(model, data, out, config, eval_data, base)
-    if (out / CHECKPOINT / "state.json").exists():
+    out, world = Path(out), world or World()
+    with world.watch():
+        world.check_same(base_fingerprint=base, config=asdict(config))
+        trainer = _Trainer(model, data, out, config, eval_data, base, world)
+        _start(trainer, resume)
+        if "injection" in config.train:  # a layer that learns is never skipped as idle
+            every = range(model.config.num_injection_layers)
+            model.mark_idle_injections(tuple(config.injection_layers or every))
+        progress = progress and world.main
+        if config.distractor_chunks:
+            trainer.distractors = _distractors(model, distractor_text, config, progress, world)
+        return _run(trainer, progress, callback, stop_after or config.steps)
+
+
+def _start(trainer: _Trainer, resume: bool) -> None:
+    """Resume the checkpoint in `out`, or start afresh: rank 0 looks, every process acts."""
+    out, world = trainer.out, trainer.world
+    found = world.main and (out / CHECKPOINT / "state.json").exists()
+    if world.any(found, "looking for a checkpoint"):
         if not resume:
             raise FileExistsError(
                 f"{out} holds a checkpoint: resume it (--resume), or use another folder"
             )
         trainer.restore()
-    else:
+    elif world.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / LOG).unlink(missing_ok=True)
-    if "injection" in config.train:  # a layer that learns is never skipped as idle
-        every = range(model.config.num_injection_layers)
-        model.mark_idle_injections(tuple(config.injection_layers or every))
-    if config.distractor_chunks:
-        trainer.distractors = _distractors(model, distractor_text, config, progress)
-    return _run(trainer, progress, callback, stop_after or config.steps)
 
 
-def _distractors(model, tokens, config: TrainConfig, progress: bool) -> Distractors:
+def _distractors(model, tokens, config: TrainConfig, progress: bool, world: World) -> Distractors:
     bank = config.distractor_chunks - 1
-    with tqdm(total=bank, unit="chunk", desc="distractors", disable=not progress) as bar:
-        return Distractors(
-            model, tokens, config.distractor_chunks, lambda done, _: bar.update(done - bar.n)
-        )
+    share = math.ceil(bank / world.size)
+    with tqdm(total=share, unit="chunk", desc="distractors", disable=not progress) as bar:
+
+        def update(done: int, _) -> None:
+            bar.update(done - bar.n)
+
+        def in_shares(chunks: np.ndarray):
+            return compress_in_shares(model, chunks, world, update)
+
+        shared = in_shares if world.size > 1 else None
+        return Distractors(model, tokens, config.distractor_chunks, update, shared)
 
 
 def _run(trainer: _Trainer, progress: bool, callback, stop_after: int) -> TrainResult:
@@ -814,16 +886,20 @@ def _run(trainer: _Trainer, progress: bool, callback, stop_after: int) -> TrainR
     examples, start = _stream(trainer.source, state), time.perf_counter()
     info = StepInfo(state.step, math.nan, math.nan, 0.0)
     bar = tqdm(total=config.steps, initial=state.step, unit="step", disable=not progress)
-    with bar, _Interrupt() as interrupt, open(trainer.out / LOG, "a") as log:
+    world = trainer.world
+    log_path = trainer.out / LOG if world.main else os.devnull
+    with bar, _Interrupt() as interrupt, open(log_path, "a") as log:
         while state.step < min(config.steps, stop_after):
             info = trainer.advance(examples, start)
             _report(bar, log, info)
             if callback:
                 callback(info)
             last = trainer.done or state.step == stop_after
-            if state.step % config.save_every == 0 or last or interrupt.requested:
+            # Every process stops at the same step, when any of them was interrupted.
+            stop = world.any(interrupt.requested, "ending a step")
+            if world.main and (state.step % config.save_every == 0 or last or stop):
                 trainer.save()
-            if interrupt.requested:
+            if stop:
                 raise KeyboardInterrupt
     adapter = trainer.out / ADAPTER_FILES[0]
     return TrainResult(
