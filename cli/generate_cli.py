@@ -69,10 +69,13 @@ def load_model(path: Path):
     return model, tokenizer
 
 
-def _tokenize(tokenizer, source: TextSource) -> np.ndarray:
+def _tokenize(tokenizer, source: TextSource, offsets: bool = False):
     """The context's token ids, with a bar of characters read and tokens made (stdin has
-    no size known ahead, so its bar counts without a total)."""
-    ids, tokens = [], 0
+    no size known ahead, so its bar counts without a total); with `offsets`, (ids,
+    TextOffsets) for the answer's sources."""
+    from ..generate import tokenize_pieces
+    from ..sources import tokenize_with_offsets
+
     with tqdm(
         total=source.size,
         unit="char",
@@ -81,12 +84,17 @@ def _tokenize(tokenizer, source: TextSource) -> np.ndarray:
         file=sys.stderr,
         leave=False,
     ) as bar:
-        for piece in source.pieces():
-            ids.append(np.asarray(tokenizer.encode(piece, add_special_tokens=False), np.int32))
-            tokens += len(ids[-1])
-            bar.update(len(piece))
+        tokens = 0
+
+        def advance(chars: int, new_tokens: int) -> None:
+            nonlocal tokens
+            tokens += new_tokens
+            bar.update(chars)
             bar.set_postfix_str(f"{tokens:,} tokens", refresh=False)
-    return np.concatenate(ids) if ids else np.zeros(0, np.int32)
+
+        if offsets:
+            return tokenize_with_offsets(tokenizer, source.pieces(), advance)
+        return tokenize_pieces(tokenizer, source.pieces(), piece_done=advance)
 
 
 def check_prompt(model, tokenizer, prompt: str, chat_template: bool | None) -> None:
@@ -155,7 +163,7 @@ def _memory_plan(path: Path, source: TextSource | None, prompt: str, options: di
     return plan
 
 
-def _saved_context(path: Path, model):
+def _saved_context(path: Path, model, ids=None):
     """A saved tree, checked against the model; on a CPU, in the model's float dtype:
     quantized matmuls are slow there (answering about Botchan from its 8-bit tree took
     116 s, against seconds from float), and only the file needs to be small."""
@@ -165,7 +173,7 @@ def _saved_context(path: Path, model):
     from ..loading import load_context
 
     try:
-        tree = load_context(path, model)
+        tree = load_context(path, model, context=ids)
     except ValueError as e:
         raise InputError(str(e)) from None
     if mx.default_device() == mx.cpu and tree.layers and tree.layers[0].fmt.bits is not None:
@@ -281,12 +289,16 @@ def run_generate(
             err=True,
         )
     check_prompt(model, tokenizer, prompt, chat_template)
-    ids = _tokenize(tokenizer, source) if source else None
+    sources_map = options.pop("sources_map", None)
+    options["sources"] = options.get("sources") or sources_map is not None
+    ids = _tokenize(tokenizer, source, options["sources"]) if source else None
+    if isinstance(ids, tuple):
+        ids, options["text_offsets"] = ids
     if verbose and ids is not None:
         click.echo(f"context: {len(ids):,} tokens, chunks of {model.config.chunk_len}", err=True)
     origin = None
     if context_path is not None:
-        ids, origin = _saved_context(context_path, model), f"loaded from {context_path}"
+        ids, origin = _saved_context(context_path, model, ids), f"loaded from {context_path}"
     elif save_context is not None:
         group = options.get("tree_group_size") or 64
         bits = save_bits(model, save_tree_bits, group)
@@ -302,8 +314,59 @@ def run_generate(
     except ValueError as e:
         raise InputError(str(e)) from None
     sys.stdout.write("\n")
+    if response is not None and response.sources is not None:
+        print_sources(response.sources)
+        if sources_map is not None:
+            draw_sources_map(response.sources, sources_map)
     if response is not None:
         click.echo(stats_line(response, origin), err=True)
+
+
+EXCERPT_CHARS = 160
+
+
+def source_line(number: int, source) -> str:
+    """'[1] chars 81,200-85,310 (12%, re-read): "..."' (tokens where no text is known)."""
+    unit, (start, end) = ("chars", source.chars) if source.chars else ("tokens", source.tokens)
+    how = f"{source.share:.0%}" + (", re-read" if source.reread else "")
+    excerpt = " ".join(source.excerpt.split())
+    if len(excerpt) > EXCERPT_CHARS:
+        excerpt = excerpt[: EXCERPT_CHARS - 3].rstrip() + "..."
+    return f'[{number}] {unit} {start:,}-{end:,} ({how}): "{excerpt}"'
+
+
+def print_sources(found) -> None:
+    """The answer's sources, after the answer, on stdout."""
+    click.echo("sources:")
+    for i, source in enumerate(found.sources, 1):
+        click.echo(source_line(i, source))
+
+
+def draw_sources_map(found, path: Path) -> None:
+    """A PNG of the attention profile along the document, re-read chunks marked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("--sources-map needs matplotlib: pip install matplotlib") from None
+    profile = found.profile
+    reread = {s.chunk for s in found.sources if s.reread}
+    colours = ["tab:orange" if c in reread else "tab:blue" for c in range(len(profile))]
+    fig, ax = plt.subplots(figsize=(10, 3))
+    ax.bar(np.arange(len(profile)), profile * 100, width=1.0, color=colours)
+    ax.set_xlabel("chunk (position in the document)")
+    ax.set_ylabel("attention share (%)")
+    ax.set_title("Where the answer looked (orange: re-read in full)")
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
+    click.echo(f"wrote the sources map to {path}", err=True)
 
 
 def run_compress(

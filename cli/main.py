@@ -239,7 +239,8 @@ def default_model_command() -> None:
     "context_path",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="Answer from a context saved with --save-context (instead of --file): no compression.",
+    help="Answer from a context saved with --save-context (instead of --file): no "
+    "compression. With --sources, --file may name the text it was compressed from.",
 )
 @click.option(
     "--reread-tokens",
@@ -253,6 +254,17 @@ def default_model_command() -> None:
     type=click.Path(path_type=Path),
     default=None,
     help="An adapter folder written by `train`.",
+)
+@click.option(
+    "--sources",
+    is_flag=True,
+    help="After the answer, print the passages it drew on, with their place in the text.",
+)
+@click.option(
+    "--sources-map",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Draw the attention along the document to this PNG (needs matplotlib).",
 )
 @click.option("--force", is_flag=True, help="Run even when the memory plan does not fit.")
 @click.option("--verbose", is_flag=True, help="Say more about each step.")
@@ -277,8 +289,12 @@ def generate_command(
     for name in ("tree_bits", "tree_group_size", "kv_bits", "kv_group_size"):
         options[name] = None if options[name] in (None, "float") else int(options[name])
     with one_line_errors(InputError):
-        if context_path is not None and file_:
-            raise InputError("give --file or --context, not both")
+        wants_sources = options["sources"] or options["sources_map"] is not None
+        if context_path is not None and file_ and not wants_sources:
+            raise InputError(
+                "give --file or --context, not both (both only with --sources: the file "
+                "is the text the tree was compressed from)"
+            )
         if save_context is not None and not file_:
             raise InputError("--save-context needs a --file to compress")
         question = read_prompt(prompt, prompt_file)

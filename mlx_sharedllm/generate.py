@@ -25,6 +25,7 @@ from .cache import TreeFormat
 from .model import SharedLLM
 from .reread import Passage, choose, focus, rare_words, token_terms
 from .selection import select_chunks as select_tree_chunks
+from .sources import Sources, TextOffsets, document_passages, find_sources, tokenize_with_offsets
 from .tree import ContextTree, check_token_ids
 
 # progress(stage, done, total): stage "tokenize" counts characters, "compress" chunks.
@@ -48,6 +49,7 @@ class GenerationResponse(MlxLmResponse):
     compress_tps: float = 0.0
     reread_tokens: int = 0
     passages: tuple = ()
+    sources: Sources | None = None
 
 
 @dataclass
@@ -87,16 +89,21 @@ def text_pieces(stream: TextIO, size: int = PIECE_CHARS) -> Iterator[str]:
 
 
 def tokenize_pieces(
-    tokenizer: TokenizerWrapper, pieces: Iterable[str], progress: Progress | None = None
+    tokenizer: TokenizerWrapper,
+    pieces: Iterable[str],
+    progress: Progress | None = None,
+    piece_done: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Token ids (no special tokens) of a text given in pieces, so a huge file never
-    has to be held as one string."""
+    has to be held as one string; `piece_done(characters, tokens)` after each piece."""
     ids, done = [], 0
     for piece in pieces:
         ids.append(np.asarray(tokenizer.encode(piece, add_special_tokens=False), np.int32))
         done += len(piece)
         if progress:
             progress("tokenize", done, 0)
+        if piece_done:
+            piece_done(len(piece), len(ids[-1]))
     return np.concatenate(ids) if ids else np.zeros(0, np.int32)
 
 
@@ -187,6 +194,8 @@ def stream_generate(
     kv_group_size: int = 64,
     select_chunks: int | None = None,
     reread_tokens: int | None = None,
+    sources: bool = False,
+    text_offsets: TextOffsets | None = None,
 ) -> Iterator[GenerationResponse]:
     """Answer `prompt` about `context` (a string, token ids, or a compressed ContextTree),
     yielding a response per generated token with the text so far and the stats.
@@ -198,6 +207,9 @@ def stream_generate(
     `reread_tokens` (default: the model's `config.reread_tokens`, 0 for off) puts up to
     that many tokens of the passages the question points at back in the running text, to
     be read in full (reread.py); the response's `passages` say which.
+    `sources` adds the answer's `sources` to the responses (sources.py: one more pass
+    over the tree), with character offsets into a text context, or into the text that
+    `text_offsets` describes when the context is its token ids.
     """
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
@@ -214,6 +226,9 @@ def stream_generate(
         raise ValueError(
             f"head_dim {head_dim} is not a multiple of --kv-group-size {kv_group_size}"
         )
+    read: list[Passage] = []
+    if sources and isinstance(context, str):
+        context, text_offsets = tokenize_with_offsets(tokenizer, text_pieces(io.StringIO(context)))
     prepared = prepare_context(model, tokenizer, context, prompt_ids, progress, tree_format)
     keep = model.config.select_chunks if select_chunks is None else select_chunks
     tree, running = prepared.tree, prepared.running
@@ -241,10 +256,17 @@ def stream_generate(
         )
         stats["reread_tokens"] = sum(p.end - p.start for p in passages)
         stats["passages"] = tuple(passages)
+        if sources:
+            selected = tree.meta.get("selected_chunks")
+            read = document_passages(passages, prepared.tree, selected)
         # The passages, read in full, are the answer's source; the tree would add its
         # coarse reading of the same text on top (in a dev probe of 6 questions it
         # answered 1 with the tree, 2 without; read_suite.py's `reread+tree` measures it).
         tree = None
+    if sources and prepared.tree is not None:
+        stats["sources"] = find_sources(
+            model, tokenizer, prepared.tree, prepared.running, read, text_offsets
+        )  # fmt: skip
     if seed is not None:
         mx.random.seed(seed)
     responses = mlx_lm_stream_generate(
