@@ -21,7 +21,7 @@ from ..model import SharedLLM
 from ..tree import ContextTree
 from .api import ApiError, Sampling, StopText
 from .engine import Engine, Job
-from .store import TooLarge, TreeStore, document_id, stored_format
+from .store import TooLarge, TreeStore, document_id, readable, stored_format
 
 DEFAULT_MAX_TOKENS = 256
 # Between documents read together, and between messages folded into a context.
@@ -165,8 +165,10 @@ class Service:
 
     def _stored(self, job: Job, doc_id: str, ids: np.ndarray) -> Context:
         tree, seconds = self._compress(job, ids)
-        with contextlib.suppress(TooLarge):  # read once, not kept
+        try:
             tree = self.store.put(doc_id, tree)
+        except TooLarge:  # read once, not kept
+            tree = readable(tree, self.model)
         return Context(tree, doc_id=doc_id, cache_hit=False, compress_seconds=seconds)
 
     # -- answers --------------------------------------------------------------------
@@ -177,6 +179,7 @@ class Service:
         max_tokens = requested or DEFAULT_MAX_TOKENS
         prompt, template = self._prompt(ask)
         if ask.documents:
+            self._room(prompt, template, Context(), requested)  # before any compression
             context = self._documents(job, ask.documents)
         elif self._fits(prompt, template, max_tokens):
             context = Context()
