@@ -193,6 +193,13 @@ def test_a_document_is_compressed_once(server, book):
     assert extension(answer)["cache_hit"] is True
     assert extension(answer)["chunks"] == first["chunks"]
     assert extension(answer)["context_tokens"] == first["tokens"]
+    assert "sources" not in extension(answer)
+    with_sources = {"documents": [first["id"]], "sources": True}
+    sources = extension(ask(client, QUESTION, max_tokens=2, extra_body=with_sources))["sources"]
+    assert len(sources) >= 3 and {"chunk", "tokens", "share", "excerpt", "reread"} <= set(
+        sources[0]
+    )
+    assert all(s["tokens"][0] <= s["excerpt_tokens"][0] < s["excerpt_tokens"][1] for s in sources)
 
     other = book + "\nThe dog sat under the tree."
     with ThreadPoolExecutor(2) as pool:
@@ -347,6 +354,7 @@ def test_bad_input_gets_a_4xx_in_openai_shape(server, book):
         ("POST", chat, {**good, "n": 2}, 400, "n"),
         ("POST", chat, {**good, "temperature": -1}, 400, "temperature"),
         ("POST", chat, {**good, "stop": [1]}, 400, "stop"),
+        ("POST", chat, {**good, "sources": "yes"}, 400, "sources"),
         ("POST", "/v1/completions", {"prompt": ""}, 400, "prompt"),
         ("POST", "/v1/documents", {"text": "too short"}, 400, "text"),
         ("GET", "/v1/documents/" + "0" * 64, None, 404, "documents"),

@@ -190,6 +190,14 @@ def parse_documents(body: dict) -> list[str]:
     return list(dict.fromkeys(documents))
 
 
+def parse_flag(body: dict, name: str) -> bool:
+    """An optional true/false extension field."""
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise ApiError(400, f"{name} must be true or false", param=name)
+    return value
+
+
 def parse_text(body: dict) -> str:
     text = body.get("text")
     if not isinstance(text, str) or not text.strip():

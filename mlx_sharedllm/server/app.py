@@ -23,6 +23,7 @@ from .api import (
     ApiError,
     Shapes,
     parse_documents,
+    parse_flag,
     parse_messages,
     parse_prompt,
     parse_sampling,
@@ -246,6 +247,7 @@ class Routes:
 
     async def _answer(self, request: Request, body: dict, ask: Ask, chat: bool) -> Response:
         ask.documents = parse_documents(body)
+        ask.sources = parse_flag(body, "sources")
         self._known_documents(ask.documents)
         render = Answer(Shapes(chat, self.service.name))
         work = lambda job: self.service.answer(job, ask)  # noqa: E731

@@ -36,6 +36,7 @@ class Ask:
     messages: list[dict[str, str]] | None = None
     prompt: str | None = None
     documents: list[str] = field(default_factory=list)
+    sources: bool = False
 
 
 @dataclass
@@ -189,8 +190,11 @@ class Service:
         max_tokens = self._room(prompt, template, context, requested)
         if context.pending(self.chunk_len):
             context = self._stored(job, context.doc_id, context.ids)
-        finish, last = self._generate(job, prompt, template, context, ask.sampling, max_tokens)
-        return {"finish_reason": finish, "usage": self._usage(last, context, ask.documents)}
+        finish, last = self._generate(job, prompt, template, context, ask, max_tokens)
+        usage = self._usage(last, context, ask.documents)
+        if ask.sources:
+            usage["sharedllm"]["sources"] = sources_json(last.sources)
+        return {"finish_reason": finish, "usage": usage}
 
     def _prompt(self, ask: Ask) -> tuple[str | np.ndarray, bool | None]:
         """The running prompt and whether `stream_generate` wraps it in the chat template:
@@ -288,17 +292,18 @@ class Service:
         prompt: Any,
         template: bool | None,
         context: Context,
-        sampling: Sampling,
+        ask: Ask,
         max_tokens: int,
     ) -> tuple[str | None, Any]:
-        stop, last, finish = StopText(sampling.stop), None, None
+        stop, last, finish = StopText(ask.sampling.stop), None, None
         responses = stream_generate(
             self.model,
             self.tokenizer,
             prompt,
             context.source,
             chat_template=template,
-            **sampling.options(max_tokens),
+            sources=ask.sources,
+            **ask.sampling.options(max_tokens),
         )
         with contextlib.closing(responses):
             try:
@@ -334,6 +339,25 @@ class Service:
                 "context_id": context.doc_id if context.tree is not None else None,
             },
         }
+
+
+def sources_json(found: Any) -> list[dict[str, Any]] | None:
+    """The answer's sources (sources.py) as JSON: token offsets into the document (the
+    server keeps trees, not texts), attention share, excerpt, whether re-read; None when
+    the context was short enough to read whole."""
+    if found is None:
+        return None
+    return [
+        {
+            "chunk": s.chunk,
+            "tokens": list(s.tokens),
+            "share": round(s.share, 6),
+            "excerpt": s.excerpt,
+            "excerpt_tokens": list(s.excerpt_tokens),
+            "reread": s.reread,
+        }
+        for s in found.sources
+    ]
 
 
 def _token_ids(tree: ContextTree) -> np.ndarray:
