@@ -11,10 +11,11 @@ import click
 from tqdm import tqdm
 
 from ..config import POLICIES, parse_last_p
-from ..convert.checkpoint import DTYPES, convert
+from ..convert.checkpoint import convert
 from ..convert.stack import INITS, StackOptions, parse_copy_heads
 from ..convert.tables import ConversionError
 from ..convert.torch_bin import CheckpointError
+from ..io import FLOAT_DTYPES
 from ..plan import MAX_TOKENS
 from . import EXIT_INTERRUPTED
 from .inputs import FiniteRange, InputError, read_prompt, read_text_file
@@ -67,7 +68,7 @@ def _tree_options(chunk_len, tree_depth, last_p, policy) -> dict:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option(
     "--dtype",
-    type=click.Choice(sorted(DTYPES)),
+    type=click.Choice(sorted(FLOAT_DTYPES)),
     default=None,
     help="Weight dtype (default: as stored; GGUF: float32).",
 )

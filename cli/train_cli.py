@@ -11,7 +11,8 @@ import numpy as np
 from ..adapters import GROUPS
 from ..convert.stack import ConversionError, parse_heads
 from ..distributed import DEFAULT_TIMEOUT
-from ..train import DTYPES, Instructions, Mixture, TextLM, TrainConfig
+from ..io import FLOAT_DTYPES
+from ..train import Instructions, Mixture, TextLM, TrainConfig
 from . import EXIT_INTERRUPTED
 from .inputs import FiniteRange, InputError
 
@@ -198,7 +199,7 @@ def _groups(value: str) -> tuple[str, ...]:
 @click.option("--chat-template/--no-chat-template", default=None, help="sft: format prompts.")
 @click.option(
     "--dtype",
-    type=click.Choice(sorted(DTYPES)),
+    type=click.Choice(sorted(FLOAT_DTYPES)),
     default="float32",
     show_default=True,
     help="Train in this dtype (the adapter still fits the model as stored).",

@@ -8,10 +8,7 @@ path or a Hugging Face Hub repo id.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -20,9 +17,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import mlx.core as mx
-from mlx_lm.utils import quantize_model, save_model
+from mlx_lm.utils import quantize_model
 from tqdm import tqdm
 
+from ..io import FLOAT_DTYPES, copy_side_files, save_model_folder, write_atomically
 from ..model import SharedLLM
 from .files import read_json, read_weight_map
 from .gguf import read_gguf, save_gguf_tokenizer
@@ -32,16 +30,6 @@ from .stack import StackOptions, keep_heads, stack_from_one
 from .tables import ConversionError, check_weights
 from .torch_bin import load_torch_bin
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-# Files next to the weights that a user of the converted model still needs.
-SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "chat_template.jinja",
-)
 HUB_PATTERNS = ["*.json", "*.safetensors", "pytorch_model*.bin", "tokenizer.model", "*.jinja"]
 
 HEADS_HAYSTACK = 1024  # tokens of haystack around each planted fact, when finding heads
@@ -172,10 +160,10 @@ def convert(
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
-    if dtype is not None and dtype not in DTYPES:
-        raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ConversionError(f"dtype must be one of {sorted(FLOAT_DTYPES)}, got {dtype!r}")
     src = resolve_source(src)
-    model = build_model(src, DTYPES.get(dtype), stack, progress)
+    model = build_model(src, FLOAT_DTYPES.get(dtype), stack, progress)
     if stack is not None and stack.auto_heads is not None:
         copy_retrieval_heads(src, model, stack, progress)
     model.config = dataclasses.replace(model.config, **(tree or {}))
@@ -183,7 +171,7 @@ def convert(
     if quantize:
         model, config = quantize_model(model, config, q_group_size, q_bits)
     mx.eval(model.parameters())
-    _write_atomically(out, force, lambda tmp: _save(tmp, src, model, config))
+    write_atomically(out, force, lambda tmp: _save(tmp, src, model, config))
     return out
 
 
@@ -213,56 +201,10 @@ def copy_retrieval_heads(src: Path, model: SharedLLM, stack: StackOptions, progr
 def _save_tokenizer(src: Path, folder: Path) -> None:
     if src.is_file():
         save_gguf_tokenizer(src, folder)
-        return
-    for name in SIDE_FILES:
-        if (src / name).exists():
-            shutil.copy2(src / name, folder / name)
+    else:
+        copy_side_files(src, folder)
 
 
 def _save(tmp: Path, src: Path, model: SharedLLM, config: dict) -> None:
-    save_model(tmp, model)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_model_folder(tmp, model, config)
     _save_tokenizer(src, tmp)
-
-
-def _write_atomically(out: Path, force: bool, write: Callable[[Path], None]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out.parent)
-    prefix = f".{out.name}.{_TEMP_MARK}-{os.getpid()}-"
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists() and force:
-            old = tmp.with_name(tmp.name + ".old")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-# Temporary folders are named .OUT.mlx-sharedllm-PID-RANDOM (plus .old for a replaced OUT), so
-# one left by a killed process (kill -9, power loss) can be told apart and removed later.
-_TEMP_MARK = "mlx-sharedllm"
-_TEMP_NAME = re.compile(rf"\..+\.{_TEMP_MARK}-(\d+)-\w+(\.old)?")
-
-
-def _remove_stale_temporaries(folder: Path) -> None:
-    """Remove the temporary folders in `folder` whose writing process is gone."""
-    for entry in folder.iterdir():
-        match = _TEMP_NAME.fullmatch(entry.name)
-        if match and not _alive(int(match[1])) and entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True

@@ -17,6 +17,7 @@ from mlx.utils import tree_flatten
 
 from .cache import FLOAT_DTYPES, all_finite
 from .config import check_log_scale, check_reread_tokens, check_select_chunks
+from .io import copy_side_files, save_model_folder, write_atomically
 from .model import SharedLLM
 
 ADAPTER_FORMAT = "mlx-sharedllm-adapter/1"
@@ -201,7 +202,6 @@ def fuse(
     The folder is written to a temporary place and renamed, like `convert`; the
     tokenizer and the other side files are copied from `model_path`.
     """
-    from .convert.checkpoint import _save, _write_atomically
     from .loading import load
 
     out = Path(out)
@@ -210,5 +210,10 @@ def fuse(
     model, _ = load(model_path)
     load_adapter(model, adapter_path, check_fingerprint)
     config = model.config.to_dict()
-    _write_atomically(out, force, lambda tmp: _save(tmp, Path(model_path), model, config))
+
+    def write(tmp: Path) -> None:
+        save_model_folder(tmp, model, config)
+        copy_side_files(Path(model_path), tmp)
+
+    write_atomically(out, force, write)
     return out

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-FLOAT_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+from .io import FLOAT_DTYPES
+
 TREE_BITS = (4, 8)
 TREE_GROUP_SIZES = (32, 64, 128)
 # Bytes of float32 scores one attention block may hold; bounds the prompt's peak.

@@ -32,9 +32,9 @@ from .adapters import ADAPTER_FILES, GROUPS, load_adapter, save_adapter, set_tra
 from .config import check_log_scale
 from .distractors import Distractors
 from .distributed import World, compress_in_shares
+from .io import FLOAT_DTYPES, write_atomically
 from .model import AttentionTap, SharedLLM
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 SIGMA_LM, SIGMA_SFT = 0.2, 0.1  # split noise sigma / node length (SPEC section 3)
 CHECKPOINT, LOG = "checkpoint", "log.jsonl"
 # What a resumed run must share with its checkpoint: what learns, and what the loss is.
@@ -475,8 +475,8 @@ class TrainConfig:
         unknown = set(self.train) - set(GROUPS)
         if unknown or not self.train:
             raise ValueError(f"train must name some of {GROUPS}, got {self.train}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype is not None and self.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(FLOAT_DTYPES)}, got {self.dtype!r}")
         if min(self.steps, self.grad_accum, self.eval_every, self.save_every) < 1:
             raise ValueError("steps, grad_accum, eval_every and save_every must be >= 1")
 
@@ -719,10 +719,8 @@ class _Trainer:
 
     def save(self) -> None:
         """Write the checkpoint (a folder, atomically), then the adapter next to it."""
-        from .convert.checkpoint import _write_atomically
-
         self.state.rng = self.rng.bit_generator.state
-        _write_atomically(self.out / CHECKPOINT, True, self._write_checkpoint)
+        write_atomically(self.out / CHECKPOINT, True, self._write_checkpoint)
         for name in ADAPTER_FILES:
             partial_path = self.out / f"{name}.partial"
             partial_path.write_bytes((self.out / CHECKPOINT / name).read_bytes())
@@ -835,7 +833,7 @@ def train(
     if config.log_scale_entries is not None:
         model.config.log_scale_entries = config.log_scale_entries
     if config.dtype:
-        model.set_dtype(DTYPES[config.dtype])
+        model.set_dtype(FLOAT_DTYPES[config.dtype])
     set_trainable(model, config.train, config.injection_layers)
     out, world = Path(out), world or World()
     with world.watch():

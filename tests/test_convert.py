@@ -99,7 +99,7 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, "save_model", interrupted)
+    monkeypatch.setattr(checkpoint, "save_model_folder", interrupted)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.convert(FIXTURES / "n1_gqa" / "checkpoint", tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -112,11 +112,11 @@ import mlx_sharedllm
 from mlx_sharedllm.convert import checkpoint
 from mlx_sharedllm.cli.main import cli
 
-def paused_save(folder, model):
+def paused_save(folder, model, config):
     (folder / "paused").write_text("")
     time.sleep(120)
 
-checkpoint.save_model = paused_save
+checkpoint.save_model_folder = paused_save
 cli(["convert", *sys.argv[1:]])
 """
 

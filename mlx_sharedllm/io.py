@@ -1,0 +1,89 @@
+"""Writing model folders: atomically, with the side files a user of the model needs.
+
+`convert`, `fuse` (adapters.py) and training checkpoints all write through here, so the
+library never reaches into `convert/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.utils import save_model as mlx_lm_save_model
+
+# One name for each float dtype a model or tree is stored in.
+FLOAT_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+# Files next to the weights that a user of the converted model still needs.
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+# Temporary folders are named .OUT.mlx-sharedllm-PID-RANDOM (plus .old for a replaced OUT), so
+# one left by a killed process (kill -9, power loss) can be told apart and removed later.
+TEMP_MARK = "mlx-sharedllm"
+_TEMP_NAME = re.compile(rf"\..+\.{TEMP_MARK}-(\d+)-\w+(\.old)?")
+
+
+def write_atomically(out: Path, force: bool, write: Callable[[Path], None]) -> None:
+    """Run `write(tmp)` on a new folder next to `out`, then rename it to `out` (replacing
+    an existing one when `force`): a failed or interrupted write leaves nothing."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out.parent)
+    prefix = f".{out.name}.{TEMP_MARK}-{os.getpid()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists() and force:
+            old = tmp.with_name(tmp.name + ".old")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary folders in `folder` whose writing process is gone."""
+    for entry in folder.iterdir():
+        match = _TEMP_NAME.fullmatch(entry.name)
+        if match and not _alive(int(match[1])) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def copy_side_files(src: Path, folder: Path) -> None:
+    """Copy the tokenizer and the other SIDE_FILES that `src` (a folder) has."""
+    for name in SIDE_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, folder / name)
+
+
+def save_model_folder(folder: Path, model: Any, config: dict[str, Any]) -> None:
+    """The model's weights (mlx-lm's sharded safetensors) and its config.json."""
+    mlx_lm_save_model(folder, model)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
