@@ -330,6 +330,8 @@ def fuse_command(adapter: Path, out: Path, model: str | None, force: bool) -> No
 
     try:
         fuse(resolve_model(model), adapter, out, force=force)
-    except (InputError, ValueError, FileExistsError) as e:
+    except FileExistsError:
+        raise click.ClickException(f"{out} exists; pass --force to replace it") from None
+    except (InputError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"wrote {out}", err=True)

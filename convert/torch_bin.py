@@ -17,20 +17,18 @@ import pickletools
 import warnings
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import mlx.core as mx
 import numpy as np
 
-from .files import MAX_HEADER_BYTES, CheckpointError, check_file, read_weight_map
+from .files import MAX_HEADER_BYTES, CheckpointError, check_file
 
 __all__ = [
     "CheckpointError",
     "UnsafeCheckpointError",
-    "iter_torch_bin_files",
-    "load_sharded_bin",
     "load_torch_bin",
 ]
 
@@ -379,37 +377,3 @@ def load_torch_bin(path: str | Path) -> dict[str, mx.array]:
         raise type(e)(f"{path}: {e}") from None
     except _CORRUPT_ERRORS as e:
         raise CheckpointError(f"{path}: corrupt torch checkpoint ({type(e).__name__}: {e})") from e
-
-
-def iter_torch_bin_files(
-    paths: Iterable[str | Path],
-) -> Iterator[tuple[Path, dict[str, mx.array]]]:
-    """Yield ``(path, tensors)`` for each file in turn, so callers can report progress."""
-    for path in paths:
-        yield Path(path), load_torch_bin(path)
-
-
-def _shard_keys(index_path: Path) -> dict[str, list[str]]:
-    """Read a ``pytorch_model.bin.index.json`` into ``{shard file: [tensor names]}``."""
-    shards: dict[str, list[str]] = {}
-    for name, shard in read_weight_map(index_path, ".bin").items():
-        shards.setdefault(shard, []).append(name)
-    return shards
-
-
-def load_sharded_bin(index_path: str | Path) -> dict[str, mx.array]:
-    """Load every shard named by a ``pytorch_model.bin.index.json`` into one dict.
-
-    Each shard must hold exactly the tensors the index's ``weight_map`` assigns to it.
-    """
-    index_path = Path(index_path)
-    shards = _shard_keys(index_path)
-    merged: dict[str, mx.array] = {}
-    paths = (index_path.parent / shard for shard in shards)
-    for (path, tensors), expected in zip(iter_torch_bin_files(paths), shards.values(), strict=True):
-        if extra := sorted(tensors.keys() - set(expected)):
-            raise CheckpointError(f"{path}: holds {extra[0]!r}, not assigned to it by {index_path}")
-        if missing := sorted(set(expected) - tensors.keys()):
-            raise CheckpointError(f"{path}: lacks {missing[0]!r}, assigned to it by {index_path}")
-        merged.update(tensors)
-    return merged

@@ -206,7 +206,7 @@ def fuse(
 
     out = Path(out)
     if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
+        raise FileExistsError(f"{out} exists (force=True replaces it)")
     model, _ = load(model_path)
     load_adapter(model, adapter_path, check_fingerprint)
     config = model.config.to_dict()

@@ -224,7 +224,7 @@ def stream_generate(
     head_dim = model.tree_shape(0)[3]
     if kv_bits is not None and head_dim % kv_group_size:
         raise ValueError(
-            f"head_dim {head_dim} is not a multiple of --kv-group-size {kv_group_size}"
+            f"head_dim {head_dim} is not a multiple of kv_group_size {kv_group_size}"
         )
     read: list[Passage] = []
     if sources and isinstance(context, str):

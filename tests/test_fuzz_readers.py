@@ -33,6 +33,7 @@ from test_torch_bin import (
     TorchGlobal,
     TorchPickler,
     contiguous,
+    load_sharded_bin,
     random_values,
     write_checkpoint,
     write_zip,
@@ -43,7 +44,7 @@ from mlx_sharedllm.convert.gguf import read_gguf, save_gguf_tokenizer
 from mlx_sharedllm.convert.gguf_header import _SCALARS
 from mlx_sharedllm.convert.safetensors_reader import load_safetensors
 from mlx_sharedllm.convert.tables import ConversionError
-from mlx_sharedllm.convert.torch_bin import load_sharded_bin, load_torch_bin
+from mlx_sharedllm.convert.torch_bin import load_torch_bin
 
 ERRORS = (CheckpointError, ConversionError)
 RANDOM_CASES = 150  # random corruptions per format
