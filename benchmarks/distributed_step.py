@@ -30,7 +30,8 @@ from mlx.utils import tree_flatten
 from mlx_sharedllm import SharedLLM, SharedLLMConfig
 from mlx_sharedllm.adapters import set_trainable
 from mlx_sharedllm.distributed import launched
-from mlx_sharedllm.train import Example, TrainConfig, train
+from mlx_sharedllm.train import TrainConfig, train
+from mlx_sharedllm.train_data import Example
 
 LLAMA = dict(
     hidden_size=256,

@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from ..generate import stream_generate
 from ..loading import load
-from ..plan import check_fits, plan_for_model_dir, wired_limit
+from ..plan import plan_for_model_dir, wired_limit
+from ..plan_render import check_fits
 from .inputs import InputError, TextSource
 
 # Saved trees are 8-bit unless asked otherwise: about a third of float32's size, and on

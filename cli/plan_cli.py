@@ -6,14 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..plan import (
-    MAX_TOKENS,
-    SHAPES,
-    fit_line,
-    memory_budget,
-    plan_for_model_dir,
-    plan_for_shape,
-)
+from ..plan import MAX_TOKENS, SHAPES, memory_budget, plan_for_model_dir, plan_for_shape
+from ..plan_render import fit_line, plan_table
 
 BITS = click.Choice(["4", "8"])
 
@@ -93,6 +87,6 @@ def plan_command(
             )
     except (OSError, ValueError, KeyError) as e:
         raise click.ClickException(str(e)) from None
-    click.echo(plan.table())
+    click.echo(plan_table(plan))
     click.echo("")
     click.echo(fit_line(plan, memory_budget()))

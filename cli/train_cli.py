@@ -12,7 +12,8 @@ from ..adapters import GROUPS
 from ..convert.stack import ConversionError, parse_heads
 from ..distributed import DEFAULT_TIMEOUT
 from ..io import FLOAT_DTYPES
-from ..train import Instructions, Mixture, TextLM, TrainConfig
+from ..train import TrainConfig
+from ..train_data import Instructions, Mixture, TextLM
 from . import EXIT_INTERRUPTED
 from .inputs import FiniteRange, InputError
 

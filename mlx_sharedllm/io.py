@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -87,3 +88,25 @@ def save_model_folder(folder: Path, model: Any, config: dict[str, Any]) -> None:
     """The model's weights (mlx-lm's sharded safetensors) and its config.json."""
     mlx_lm_save_model(folder, model)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def safetensors_headers(path: Path) -> dict[str, dict]:
+    """Every tensor's header entry (dtype, shape, data_offsets) in a folder's files, with
+    the file it is in and where that file's data starts (`file`, `data_start`)."""
+    headers = {}
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with open(file, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                if length > file.stat().st_size - 8:
+                    raise ValueError("header longer than the file")
+                header = json.loads(f.read(length))
+        except (struct.error, ValueError):
+            raise ValueError(f"{file} is not a safetensors file") from None
+        header.pop("__metadata__", None)
+        for entry in header.values():
+            entry.update(file=file, data_start=8 + length)
+        headers.update(header)
+    if not headers:
+        raise ValueError(f"{path} holds no .safetensors weights")
+    return headers

@@ -17,6 +17,8 @@ hidden, query, key/value); how many of each are alive at the peak (`SELECT`,
 `ENCODE`, `LAYER`) was measured on the CPU in float32 over varied shapes, and the
 whole plan is checked against measured peaks by benchmarks/plan_vs_measured.py.
 Metal's fused attention and RoPE hold fewer buffers, so there the plan errs high.
+
+Rendering (the table, the fit verdict and advice) lives in plan_render.py.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from mlx_lm.models.llama import ModelArgs as LlamaArgs
 
 from .cache import FLOAT_DTYPES, SCORE_BLOCK_BYTES, TreeFormat
 from .config import SharedLLMConfig, check_int, head_dim
+from .io import safetensors_headers
 from .model import SharedLLM
 from .tree import downsample_count, plan_segments
 
@@ -197,10 +199,6 @@ class MemoryPlan:
     generation_activations: int
     tree_layers: int = 0  # injection layers that store a tree (idle ones store none)
 
-    def _tree_layers_text(self) -> str:
-        m = self.config.num_injection_layers
-        return f"{m} layers" if self.tree_layers == m else f"{self.tree_layers} of {m} layers"
-
     @property
     def phases(self) -> dict[str, int]:
         """Bytes above the weights in each phase."""
@@ -223,53 +221,6 @@ class MemoryPlan:
         settings = dataclasses.replace(self.settings, **changes)
         idle = self.config.num_injection_layers - self.tree_layers
         return make_plan(self.config, settings, self.weights, self.name, idle)
-
-    def table(self) -> str:
-        """The plan as a table: a row per component, then the phases the total comes from."""
-        s, c = self.settings, self.config
-        shared = " (stacked from one)" if c.stacked else ""
-        compression = max(self.selection_activations, self.encoding_activations)
-        lines = [
-            f"{self.name}: {s.context_tokens:,} context tokens = {self.n_chunks:,} chunks of "
-            f"{c.chunk_len} -> {self.tree_entries:,} tree entries",
-            f"weights {self.weights.label}, tree {_format_label(s.tree_bits, s)}, "
-            f"KV {_format_label(s.kv_bits, s)}, compute {s.dtype}, "
-            f"compress batch {self.compress_batch}",
-            "",
-            _row("upper weights", self.weights.upper),
-            _row(f"lower weights, not shared{shared}", self.weights.lower),
-            _row(f"tree cache ({self._tree_layers_text()})", self.tree_cache),
-            _row(f"upper KV cache ({self.running_tokens:,}-token window)", self.kv_cache),
-            _row("activation peak, compression", compression),
-            _row("activation peak, generation", self.generation_activations),
-            "-" * 58,
-            _row("total", self.total),
-            "",
-            "total = weights + the largest phase:",
-        ]
-        parts = {
-            "selection": "activations",
-            "encoding": "tree + activations",
-            "generation": "tree + KV cache + activations",
-        }
-        for phase, size in self.phases.items():
-            peak = "  (peak)" if phase == self.peak_phase else ""
-            lines.append(_row(f"  {phase}: {parts[phase]}", size) + peak)
-        return "\n".join(lines)
-
-
-def _row(label: str, size: int) -> str:
-    return f"{label:<46}{format_bytes(size):>12}"
-
-
-def format_bytes(size: float) -> str:
-    if size >= GiB:
-        return f"{size / GiB:.2f} GiB"
-    return f"{size / (1 << 20):.1f} MiB"
-
-
-def _format_label(bits: int | None, s: PlanSettings) -> str:
-    return s.dtype if bits is None else f"{bits}-bit"
 
 
 # -- the plan --------------------------------------------------------------------------
@@ -397,32 +348,10 @@ def weight_bytes(
     return WeightBytes(sizes["upper"], sizes["lower"], dtype, bits, group_size)
 
 
-def _safetensors_headers(path: Path) -> dict[str, dict]:
-    """Every tensor's header entry (dtype, shape, data_offsets) in a folder's files, with
-    the file it is in and where that file's data starts (`file`, `data_start`)."""
-    headers = {}
-    for file in sorted(path.glob("*.safetensors")):
-        try:
-            with open(file, "rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                if length > file.stat().st_size - 8:
-                    raise ValueError("header longer than the file")
-                header = json.loads(f.read(length))
-        except (struct.error, ValueError):
-            raise ValueError(f"{file} is not a safetensors file") from None
-        header.pop("__metadata__", None)
-        for entry in header.values():
-            entry.update(file=file, data_start=8 + length)
-        headers.update(header)
-    if not headers:
-        raise ValueError(f"{path} holds no .safetensors weights")
-    return headers
-
-
 def idle_injection_layers(path: Path, config: SharedLLMConfig) -> int:
     """How many injection layers of a converted folder have an all-zero output
     projection (idle: they store no tree). Reads those tensors' bytes only."""
-    headers, idle = _safetensors_headers(path), 0
+    headers, idle = safetensors_headers(path), 0
     for i in range(config.num_injection_layers):
         prefix = f"model.layers.{i}.cross_attn.o_proj."
         # Quantized weights are zero when their scales and biases are.
@@ -445,7 +374,7 @@ def _is_zero(entry: dict) -> bool:
 def stored_weights(path: Path, quantization: dict | None) -> WeightBytes:
     """The weights as stored in a converted folder; their dtype is the final norm's (never
     quantized), the model's compute dtype. Only the file headers are read."""
-    headers = _safetensors_headers(path)
+    headers = safetensors_headers(path)
     sizes = {"upper": 0, "lower": 0}
     for name, entry in headers.items():
         start, end = entry["data_offsets"]
@@ -538,54 +467,6 @@ def memory_budget() -> MemoryBudget | None:
             if line.startswith("MemAvailable:"):
                 return MemoryBudget(int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo")
     return None
-
-
-def fit_line(plan: MemoryPlan, budget: MemoryBudget | None) -> str:
-    """One line comparing the plan's total with this machine's memory."""
-    if budget is None:
-        return "this machine reports no memory figure: cannot tell whether it fits"
-    verdict = "fits" if plan.total <= budget.bytes else "does NOT fit"
-    return f"{format_bytes(plan.total)} {verdict} in {format_bytes(budget.bytes)} ({budget.source})"
-
-
-def check_fits(plan: MemoryPlan, budget: MemoryBudget | None = None) -> str | None:
-    """None when the plan fits this machine (or its memory is unknown); else the
-    refusal: the table, the comparison, and what would make it fit."""
-    budget = budget or memory_budget()
-    if budget is None or plan.total <= budget.bytes:
-        return None
-    lines = [plan.table(), "", fit_line(plan, budget)]
-    tips = suggestions(plan, budget)
-    if tips:
-        lines += ["what would fit:"] + [f"  - {tip}" for tip in tips]
-    lines.append("or pass --force to run anyway")
-    return "\n".join(lines)
-
-
-def suggestions(plan: MemoryPlan, budget: MemoryBudget) -> list[str]:
-    """Changes that bring the plan within `budget`, each with its new total."""
-    s, tips = plan.settings, []
-    options = []
-    if s.tree_bits != 4:
-        options.append(("--tree-bits 4", {"tree_bits": 4}))
-    if s.kv_bits != 4:
-        options.append(("--kv-bits 4", {"kv_bits": 4}))
-    if len(options) == 2:
-        options.append(("--tree-bits 4 --kv-bits 4", {"tree_bits": 4, "kv_bits": 4}))
-    batch = plan.compress_batch // 2
-    while batch >= 1:
-        options.append((f"compress_batch {batch} (in config.json)", {"compress_batch": batch}))
-        batch //= 2
-    for text, changes in options:
-        total = plan.replan(**changes).total
-        if total <= budget.bytes:
-            tips.append(f"{text}: {format_bytes(total)}")
-    if plan.weights.bits is None:
-        tips.append("quantized weights (`mlx-sharedllm convert -q`)")
-    most = max_context_tokens(plan, budget.bytes)
-    if most is not None:
-        tips.append(f"a shorter text: at most {most:,} context tokens fit with these settings")
-    return tips
 
 
 def max_context_tokens(plan: MemoryPlan, budget: int) -> int | None:

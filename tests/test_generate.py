@@ -309,9 +309,11 @@ def test_the_default_model_is_found_from_python_and_the_cli():
 
 
 def test_cli_refuses_a_plan_that_does_not_fit(spm_model, book, monkeypatch):
-    from mlx_sharedllm import plan
+    from mlx_sharedllm import plan_render
+    from mlx_sharedllm.plan import MemoryBudget
 
-    monkeypatch.setattr(plan, "memory_budget", lambda: plan.MemoryBudget(1 << 20, "test budget"))
+    budget = MemoryBudget(1 << 20, "test budget")
+    monkeypatch.setattr(plan_render, "memory_budget", lambda: budget)
     args = ("--model", str(spm_model), "--file", str(book), "--prompt", "Hi", "--max-tokens", "2")
     refused = invoke(*args)
     assert refused.exit_code != 0 and "--force" in refused.output

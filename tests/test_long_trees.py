@@ -22,7 +22,8 @@ from mlx_sharedllm.adapters import load_adapter
 from mlx_sharedllm.cli.train_cli import train_command
 from mlx_sharedllm.distractors import Distractors, arrange
 from mlx_sharedllm.model import AttentionTap, log_scale
-from mlx_sharedllm.train import TrainConfig, build_tree, train
+from mlx_sharedllm.train import TrainConfig, train
+from mlx_sharedllm.train_data import build_tree
 
 
 def movable_model(seed: int = 0):

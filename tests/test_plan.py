@@ -21,7 +21,6 @@ from mlx_sharedllm.plan import (
     GiB,
     MemoryBudget,
     PlanSettings,
-    check_fits,
     kv_cache_bytes,
     make_plan,
     memory_budget,
@@ -30,6 +29,7 @@ from mlx_sharedllm.plan import (
     weight_bytes,
     wired_limit,
 )
+from mlx_sharedllm.plan_render import check_fits, plan_table
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "plan_vs_measured.py"
 
@@ -182,7 +182,7 @@ def test_idle_injection_layers_store_no_tree(tmp_path, dtype):
     stack = ("--stack-from-one", "2", "--init", "copy", "--copy-heads", "1.2", "--dtype", dtype)
     assert run_cli("convert", str(tmp_path / "hf"), str(tmp_path / "m"), *stack).exit_code == 0
     plan = plan_for_model_dir(tmp_path / "m", 32 * 1024)
-    assert plan.tree_layers == 1 and "tree cache (1 of 2 layers)" in plan.table()
+    assert plan.tree_layers == 1 and "tree cache (1 of 2 layers)" in plan_table(plan)
     model, _ = load(tmp_path / "m")
     context = mx.arange(model.config.chunk_len * 4) % 384
     tree = model.compress(context, mx.array([1, 2]))

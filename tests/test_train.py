@@ -19,24 +19,21 @@ from click.testing import CliRunner
 from conftest import SPM_TOKENIZER, run_cli, write_hf_llama
 from mlx.utils import tree_flatten
 
-from mlx_sharedllm import SharedLLM, SharedLLMConfig, load
-from mlx_sharedllm import train as train_module
+from mlx_sharedllm import SharedLLM, SharedLLMConfig, load, train_data
 from mlx_sharedllm.adapters import fuse, load_adapter, read_adapter
 from mlx_sharedllm.cli.train_cli import fuse_command, train_command
 from mlx_sharedllm.generate import generate
+from mlx_sharedllm.losses import example_loss
 from mlx_sharedllm.model import AttentionTap
-from mlx_sharedllm.train import (
+from mlx_sharedllm.train import TrainConfig, make_optimizer, train
+from mlx_sharedllm.train_data import (
     DataError,
     Example,
     Instructions,
     Mixture,
     TextLM,
-    TrainConfig,
     build_tree,
     draw_splits,
-    example_loss,
-    make_optimizer,
-    train,
 )
 from mlx_sharedllm.tree import downsample_index, plan_segments
 
@@ -293,7 +290,7 @@ class CharTokenizer:
 
 @pytest.mark.parametrize("piece_chars", [1 << 20, 7])
 def test_language_modelling_windows(tmp_path, monkeypatch, piece_chars):
-    monkeypatch.setattr(train_module, "PIECE_CHARS", piece_chars)
+    monkeypatch.setattr(train_data, "PIECE_CHARS", piece_chars)
     text = "".join(chr(ord("a") + i % 26) for i in range(400))
     path = tmp_path / "book.txt"
     path.write_text("\n".join(text[i : i + 50] for i in range(0, 400, 50)))
@@ -367,7 +364,7 @@ GOOD = {"context": "x" * 80, "prompt": "q", "response": "a"}
     ],
 )
 def test_bad_instruction_data_names_file_and_line(tmp_path, monkeypatch, name, content, message):
-    monkeypatch.setattr(train_module, "READ_BYTES", 5)  # lines arrive in several reads
+    monkeypatch.setattr(train_data, "READ_BYTES", 5)  # lines arrive in several reads
     path = tmp_path / name
     if isinstance(content, bytes):
         path.write_bytes(content)
