@@ -8,6 +8,7 @@ QuantizedKVCache uses.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -19,6 +20,8 @@ TREE_BITS = (4, 8)
 TREE_GROUP_SIZES = (32, 64, 128)
 # Bytes of float32 scores one attention block may hold; bounds the prompt's peak.
 SCORE_BLOCK_BYTES = 1 << 25
+# One stored array in a TreeFormat: (float,) or mx.quantize's (weight, scales, biases).
+Parts = tuple[mx.array, ...]
 
 
 @dataclass(frozen=True)
@@ -40,12 +43,30 @@ class TreeFormat:
                 f"tree group size must be one of {TREE_GROUP_SIZES}, got {self.group_size}"
             )
 
-    def store(self, x: mx.array) -> list[mx.array]:
-        """x in this format: [cast x], or mx.quantize's [weight, scales, biases]."""
+    def store(self, x: mx.array) -> Parts:
+        """x in this format: (cast x,), or mx.quantize's (weight, scales, biases)."""
         x = x.astype(FLOAT_DTYPES[self.dtype])
         if self.bits is None:
-            return [x]
-        return list(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+            return (x,)
+        return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+
+    def load(self, parts: Parts) -> mx.array:
+        """The float array that `parts` store (the inverse of `store`, up to rounding)."""
+        if self.bits is None:
+            return parts[0]
+        if not parts[0].size:  # an empty tree (mx.dequantize refuses it)
+            *lead, packed = parts[0].shape
+            return mx.zeros((*lead, packed * 32 // self.bits), FLOAT_DTYPES[self.dtype])
+        return mx.dequantize(*parts, group_size=self.group_size, bits=self.bits)
+
+    def matmul(self, x: mx.array, parts: Parts, transpose: bool) -> mx.array:
+        """x @ the stored array, transposed on its last two axes when `transpose`."""
+        if self.bits is None:
+            stored = parts[0].swapaxes(-1, -2) if transpose else parts[0]
+            return x @ stored.astype(x.dtype)
+        return mx.quantized_matmul(
+            x, *parts, transpose=transpose, group_size=self.group_size, bits=self.bits
+        )
 
     def stored_parts(self, shape: tuple[int, ...]) -> list[tuple[tuple[int, ...], mx.Dtype]]:
         """(shape, dtype) of each array that stores a float array of `shape` (last axis
@@ -65,9 +86,8 @@ class TreeFormat:
         return head_dim * self.bits / 8 + 2 * scalar * head_dim / self.group_size
 
 
-def _empty(shape: tuple[int, ...], fmt: TreeFormat) -> mx.array | tuple[mx.array, ...]:
-    parts = tuple(mx.zeros(part, dtype) for part, dtype in fmt.stored_parts(shape))
-    return parts[0] if fmt.bits is None else parts
+def _empty(shape: tuple[int, ...], fmt: TreeFormat) -> Parts:
+    return tuple(mx.zeros(part, dtype) for part, dtype in fmt.stored_parts(shape))
 
 
 # Per float dtype, the unsigned int of its width and its exponent bits: a value whose
@@ -88,7 +108,8 @@ def all_finite(x: mx.array) -> bool:
 
 
 class TreeCache:
-    """One injection layer's tree: keys and values of shape (1, kv_heads, capacity, head_dim)."""
+    """One injection layer's tree: keys and values of shape (1, kv_heads, capacity, head_dim),
+    each stored as the parts `fmt.store` makes (float and quantized trees alike)."""
 
     def __init__(self, kv_heads: int, capacity: int, head_dim: int, fmt: TreeFormat):
         if fmt.bits is not None and head_dim % fmt.group_size:
@@ -97,18 +118,57 @@ class TreeCache:
             )
         self.fmt = fmt
         self.shape = (1, kv_heads, capacity, head_dim)
-        self.keys = _empty(self.shape, fmt)
-        self.values = _empty(self.shape, fmt)
+        self.key_parts = _empty(self.shape, fmt)
+        self.value_parts = _empty(self.shape, fmt)
 
     @classmethod
-    def from_arrays(cls, fmt: TreeFormat, shape: tuple[int, ...], keys, values) -> TreeCache:
+    def from_parts(
+        cls, fmt: TreeFormat, shape: tuple[int, ...], keys: Parts, values: Parts
+    ) -> TreeCache:
+        """A cache of keys and values already stored in `fmt`."""
         cache = cls.__new__(cls)
-        cache.fmt, cache.shape, cache.keys, cache.values = fmt, tuple(shape), keys, values
+        cache.fmt, cache.shape = fmt, tuple(shape)
+        cache.key_parts, cache.value_parts = tuple(keys), tuple(values)
         return cache
+
+    @classmethod
+    def from_arrays(
+        cls, fmt: TreeFormat, shape: tuple[int, ...], keys: mx.array, values: mx.array
+    ) -> TreeCache:
+        """A cache of float keys and values, stored in `fmt`."""
+        return cls.from_parts(fmt, shape, fmt.store(keys), fmt.store(values))
+
+    @classmethod
+    def concatenate(cls, caches: Sequence[TreeCache]) -> TreeCache:
+        """The entries of `caches` (one format and head shape), one cache after another."""
+        first = caches[0]
+        if any(c.fmt != first.fmt or _heads(c) != _heads(first) for c in caches):
+            raise ValueError("only caches of one format and head shape can be joined")
+        shape = (*first.shape[:2], sum(c.capacity for c in caches), first.shape[3])
+        keys = _joined([c.key_parts for c in caches])
+        return cls.from_parts(first.fmt, shape, keys, _joined([c.value_parts for c in caches]))
 
     @property
     def capacity(self) -> int:
         return self.shape[2]
+
+    @property
+    def keys(self) -> mx.array:
+        """Float keys (dequantized when stored quantized)."""
+        return self.fmt.load(self.key_parts)
+
+    @property
+    def values(self) -> mx.array:
+        """Float values (dequantized when stored quantized)."""
+        return self.fmt.load(self.value_parts)
+
+    def dequantized(self) -> tuple[mx.array, mx.array]:
+        """Float (1, kv_heads, capacity, head_dim) keys and values."""
+        return self.keys, self.values
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (*self.key_parts, *self.value_parts))
 
     def check_stored(self) -> None:
         """Refuse stored keys or values that do not fit this cache's shape and format, or
@@ -118,8 +178,7 @@ class TreeCache:
                 f"head_dim {self.shape[3]} is not a multiple of group size {self.fmt.group_size}"
             )
         expected = self.fmt.stored_parts(self.shape)
-        for kind, stored in (("keys", self.keys), ("values", self.values)):
-            parts = stored if isinstance(stored, tuple) else (stored,)
+        for kind, parts in (("keys", self.key_parts), ("values", self.value_parts)):
             if len(parts) != len(expected):
                 raise ValueError(f"{kind} have {len(parts)} parts, the format {len(expected)}")
             for part, (shape, dtype) in zip(parts, expected):
@@ -136,7 +195,9 @@ class TreeCache:
         n = keys.shape[-2]
         self.write_stored([offset], n, self.fmt.store(keys), self.fmt.store(values))
 
-    def write_stored(self, dest, n: int, keys: list[mx.array], values: list[mx.array]) -> None:
+    def write_stored(
+        self, dest: Sequence[int], n: int, keys: Sequence[mx.array], values: Sequence[mx.array]
+    ) -> None:
         """Write entries already in this cache's format, (kv_heads, B * n, ...) each, so
         that batch row b lands at entries dest[b] .. dest[b] + n - 1."""
         starts = np.asarray(dest, dtype=np.int64).reshape(-1)
@@ -145,74 +206,32 @@ class TreeCache:
                 f"tree cache overflow: {starts.max() + n} entries > capacity {self.capacity}"
             )
         index = mx.array((starts[:, None] + np.arange(n)[None]).reshape(-1).astype(np.int32))
-        self.keys = _scatter(self.keys, index, keys)
-        self.values = _scatter(self.values, index, values)
+        for buffers, parts in ((self.key_parts, keys), (self.value_parts, values)):
+            for buffer, part in zip(buffers, parts):
+                buffer[:, :, index] = part[None]
 
-    def take(self, index: mx.array) -> TreeCache:
+    def take(self, index: mx.array | slice) -> TreeCache:
         """A cache of only the entries `index` (in that order), in this format."""
-        shape = (*self.shape[:2], index.size, self.shape[3])
-        return TreeCache.from_arrays(
-            self.fmt, shape, _entries(self.keys, index), _entries(self.values, index)
-        )
+        keys, values = _entries(self.key_parts, index), _entries(self.value_parts, index)
+        shape = (*self.shape[:2], keys[0].shape[-2], self.shape[3])
+        return TreeCache.from_parts(self.fmt, shape, keys, values)
 
     def stored_as(self, fmt: TreeFormat) -> TreeCache:
         """This cache's entries in another format (quantized, or back to float)."""
-        stored = [fmt.store(x) for x in self.dequantized()]
-        keys, values = (x[0] if fmt.bits is None else tuple(x) for x in stored)
-        return TreeCache.from_arrays(fmt, self.shape, keys, values)
-
-    def dequantized(self) -> tuple[mx.array, mx.array]:
-        """Float (1, kv_heads, capacity, head_dim) keys and values."""
-        return self._float(self.keys), self._float(self.values)
-
-    def _float(self, stored) -> mx.array:
-        if self.fmt.bits is None:
-            return stored
-        if not self.capacity:  # an idle layer's empty tree (mx.dequantize refuses it)
-            return mx.zeros(self.shape, FLOAT_DTYPES[self.fmt.dtype])
-        return mx.dequantize(*stored, group_size=self.fmt.group_size, bits=self.fmt.bits)
-
-    @property
-    def nbytes(self) -> int:
-        stored = [self.keys, self.values]
-        if self.fmt.bits is not None:
-            stored = [a for t in stored for a in t]
-        return sum(a.nbytes for a in stored)
+        return TreeCache.from_arrays(fmt, self.shape, self.keys, self.values)
 
 
-def _scatter(stored, index: mx.array, parts: list[mx.array]):
-    buffers = stored if isinstance(stored, tuple) else (stored,)
-    for buffer, part in zip(buffers, parts):
-        buffer[:, :, index] = part[None]
-    return buffers if isinstance(stored, tuple) else buffers[0]
+def _heads(cache: TreeCache) -> tuple[int, int]:
+    return cache.shape[1], cache.shape[3]
 
 
-def _entries(stored, index):
-    """Entries `index` (a slice or an index array) of stored keys or values, any format."""
-    if isinstance(stored, tuple):
-        return tuple(a[..., index, :] for a in stored)
-    return stored[..., index, :]
+def _joined(stored: list[Parts]) -> Parts:
+    return tuple(mx.concatenate(parts, axis=-2) for parts in zip(*stored))
 
 
-def _scores(q: mx.array, keys, fmt: TreeFormat) -> mx.array:
-    if fmt.bits is None:
-        return q @ keys.swapaxes(-1, -2).astype(q.dtype)
-    return mx.quantized_matmul(q, *keys, transpose=True, group_size=fmt.group_size, bits=fmt.bits)
-
-
-def _weighted(p: mx.array, values, fmt: TreeFormat) -> mx.array:
-    if fmt.bits is None:
-        return p @ values.astype(p.dtype)
-    return mx.quantized_matmul(
-        p, *values, transpose=False, group_size=fmt.group_size, bits=fmt.bits
-    )
-
-
-def _expand(stored):
-    """(1, kv, S, x) -> (1, kv, 1, S, x): broadcast over the query heads of a group."""
-    if isinstance(stored, tuple):
-        return tuple(mx.expand_dims(a, 2) for a in stored)
-    return mx.expand_dims(stored, 2)
+def _entries(parts: Parts, index: mx.array | slice) -> Parts:
+    """Entries `index` (a slice or an index array) of stored keys or values."""
+    return tuple(a[..., index, :] for a in parts)
 
 
 def tree_attention(
@@ -224,19 +243,21 @@ def tree_attention(
     matrix is ever held whole; quantized trees are read with mx.quantized_matmul.
     """
     b, heads, length, d = queries.shape
-    kv = cache.shape[1]
+    kv, fmt = cache.shape[1], cache.fmt
     q = (queries * scale).reshape(b, kv, heads // kv, length, d)
-    keys, values = _expand(cache.keys), _expand(cache.values)
+    # (1, kv, S, x) -> (1, kv, 1, S, x): broadcast over the query heads of a group.
+    keys = tuple(mx.expand_dims(a, 2) for a in cache.key_parts)
+    values = tuple(mx.expand_dims(a, 2) for a in cache.value_parts)
     total = cache.capacity
     block = block or max(256, SCORE_BLOCK_BYTES // (4 * b * heads * length))
     top = denom = out = None
     for start in range(0, total, block):
-        end = min(start + block, total)
-        s = _scores(q, _entries(keys, slice(start, end)), cache.fmt).astype(mx.float32)
+        span = slice(start, min(start + block, total))
+        s = fmt.matmul(q, _entries(keys, span), transpose=True).astype(mx.float32)
         block_top = s.max(axis=-1, keepdims=True)
         new_top = block_top if top is None else mx.maximum(top, block_top)
         p = mx.exp(s - new_top)
-        part = _weighted(p.astype(queries.dtype), _entries(values, slice(start, end)), cache.fmt)
+        part = fmt.matmul(p.astype(queries.dtype), _entries(values, span), transpose=False)
         if top is None:
             denom, out = p.sum(axis=-1, keepdims=True), part.astype(mx.float32)
         else:
@@ -244,7 +265,7 @@ def tree_attention(
             denom = denom * fix + p.sum(axis=-1, keepdims=True)
             out = out * fix + part
         top = new_top
-        if end < total:
+        if span.stop < total:
             # MLX would otherwise schedule several blocks at once, holding their scores.
             mx.eval(top, denom, out)
     return (out / denom).astype(queries.dtype).reshape(b, heads, length, d)

@@ -9,15 +9,18 @@ tokens, a chunk's entries are moved to another chunk position by rotating its ke
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
+from .cache import TreeCache
 from .kernels import chunk_major, rotate_at
 from .model import SharedLLM
-from .tree import ContextTree
+from .tree import ContextTree, join_chunks
 
 
 def movable_chunks(model: SharedLLM) -> bool:
@@ -30,34 +33,21 @@ def movable_chunks(model: SharedLLM) -> bool:
 
 def arrange(model: SharedLLM, pieces: list[tuple[ContextTree, int]]) -> ContextTree:
     """A tree whose chunk p is chunk j of tree t, for pieces[p] = (t, j): entries copied,
-    keys rotated from chunk position j to p. The query goes after the last chunk; there
-    is no remainder."""
-    first = pieces[0][0]
-    t = first.entries_per_chunk
+    keys rotated from chunk position j to p (a quantized tree's keys are quantized again
+    after). The query goes after the last chunk; there is no remainder."""
+    tree = join_chunks(pieces)
     shifts = mx.array([p - j for p, (_, j) in enumerate(pieces)])
-    layers = []
-    for i, layer in enumerate(first.layers):
-        if not layer.capacity:  # an idle layer's tree is empty
-            layers.append(layer)
-            continue
-        if layer.fmt.bits is not None:
-            raise ValueError("distractors need a float tree, not a quantized one")
-        keys = mx.stack([tree.layers[i].keys[0, :, j * t : (j + 1) * t] for tree, j in pieces])
-        values = mx.stack([tree.layers[i].values[0, :, j * t : (j + 1) * t] for tree, j in pieces])
-        keys = rotate_at(keys, model.chunk_rope, shifts)
-        shape = (1, layer.shape[1], len(pieces) * t, layer.shape[3])
-        layers.append(
-            type(layer).from_arrays(
-                layer.fmt, shape, chunk_major(keys)[None], chunk_major(values)[None]
-            )
-        )
-    n = len(pieces)
-    # Made of several contexts: the hashes of one would be wrong.
-    meta = {k: v for k, v in first.meta.items() if not k.endswith("_sha256")}
-    tokens = None
-    if all(tree.tokens is not None for tree, _ in pieces):
-        tokens = mx.stack([tree.tokens[j] for tree, j in pieces])
-    return ContextTree(layers, n, first.chunk_len, t, n, None, meta, tokens)
+    layers = [
+        _moved(tree, layer, model.chunk_rope, shifts) if layer.capacity else layer
+        for layer in tree.layers
+    ]
+    return dataclasses.replace(tree, layers=layers)
+
+
+def _moved(tree: ContextTree, layer: TreeCache, rope: nn.Module, shifts: mx.array) -> TreeCache:
+    """`layer` of `tree` with chunk p's keys rotated on by shifts[p] positions."""
+    keys = chunk_major(rotate_at(tree.per_chunk(layer.keys), rope, shifts))[None]
+    return TreeCache.from_parts(layer.fmt, layer.shape, layer.fmt.store(keys), layer.value_parts)
 
 
 class Distractors:

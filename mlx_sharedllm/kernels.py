@@ -32,7 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import FLOAT_DTYPES, TreeCache, TreeFormat, tree_attention
+from .cache import FLOAT_DTYPES, Parts, TreeCache, TreeFormat, tree_attention
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def compress_entries_ops(
     chunk_pos: mx.array,
     rope: nn.Module,
     fmt: TreeFormat,
-) -> tuple[list[mx.array], list[mx.array]]:
+) -> tuple[Parts, Parts]:
     """What the kernel outputs, with MLX ops: stored keys and values, (KV, B * t, ...) each."""
     k = rotate_at(keys[:, :, keep], rope, chunk_pos)
     return fmt.store(chunk_major(k)), fmt.store(chunk_major(values[:, :, keep]))
@@ -289,9 +289,9 @@ def tree_compress(
 
     keys, values: (B, kv_heads, L, head_dim), keys at local RoPE positions; keep: (t,)
     positions kept by downsampling; chunk_pos: (B,) chunk-level RoPE position of each
-    row; dest: (B,) first cache entry of each row's t entries. Afterwards
-    cache.keys[0, :, dest[b] : dest[b] + t] = stored(rope(keys[b][:, keep], chunk_pos[b]))
-    and likewise for the values, unrotated.
+    row; dest: (B,) first cache entry of each row's t entries. Afterwards entries
+    dest[b] .. dest[b] + t - 1 hold cache.fmt.store(rope(keys[b][:, keep], chunk_pos[b]))
+    and likewise the values, unrotated.
     """
     launch = (
         compress_launch(keys, values, keep, chunk_pos, rope, cache.fmt)
@@ -317,7 +317,7 @@ def inject_launch(queries: mx.array, cache: TreeCache, scale: float) -> Launch |
         return None
     fmt = cache.fmt
     bits = fmt.bits or 0
-    stored = [*_parts(cache.keys), *_parts(cache.values)]
+    stored = [*cache.key_parts, *cache.value_parts]
     template = [
         ("T", queries.dtype),
         ("S", FLOAT_DTYPES[fmt.dtype]),
@@ -347,10 +347,6 @@ def inject_launch(queries: mx.array, cache: TreeCache, scale: float) -> Launch |
         output_shapes=[queries.shape],
         output_dtypes=[queries.dtype],
     )
-
-
-def _parts(stored) -> list[mx.array]:
-    return list(stored) if isinstance(stored, tuple) else [stored]
 
 
 def inject_attention(queries: mx.array, cache: TreeCache, scale: float) -> mx.array:

@@ -290,7 +290,7 @@ class SharedLLM(nn.Module):
             for cache, (k, v) in zip(caches, self._encode_slots(chunks, plan, idx)):
                 if cache.capacity:
                     tree_compress(k, v, keep, positions, idx * entries, self.chunk_rope, cache)
-            mx.eval([(c.keys, c.values) for c in caches])
+            mx.eval([(c.key_parts, c.value_parts) for c in caches])
             progress(int(idx[-1]) + 1, n)
         return ContextTree(
             layers=caches,

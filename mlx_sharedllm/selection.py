@@ -13,13 +13,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import mlx.core as mx
 import numpy as np
 
 from .config import check_select_chunks
 from .model import SharedLLM
 from .reread import attention_profile
-from .tree import ContextTree
+from .tree import ContextTree, join_chunks
 
 
 def chunk_scores(model: SharedLLM, tree: ContextTree, running: np.ndarray) -> np.ndarray | None:
@@ -37,14 +36,13 @@ def keep_chunks(tree: ContextTree, chunks: Sequence[int]) -> ContextTree:
     chunks = np.asarray(chunks, np.int64)
     if chunks.size == 0 or chunks.min() < 0 or chunks.max() >= tree.n_chunks:
         raise ValueError(f"chunks to keep must be in 0..{tree.n_chunks - 1}, got {chunks}")
-    t = tree.entries_per_chunk
-    index = mx.array((chunks[:, None] * t + np.arange(t)).reshape(-1).astype(np.int32))
-    layers = [layer.take(index) if layer.capacity else layer for layer in tree.layers]
-    # A subset of the context: its hashes would describe the whole.
-    meta = {k: v for k, v in tree.meta.items() if not k.endswith("_sha256")}
-    meta["selected_chunks"] = chunks.tolist()
-    tokens = None if tree.tokens is None else tree.tokens[mx.array(chunks)]
-    return dataclasses.replace(tree, layers=layers, n_chunks=len(chunks), meta=meta, tokens=tokens)
+    kept = join_chunks([(tree, int(c)) for c in chunks])
+    return dataclasses.replace(
+        kept,
+        query_position=tree.query_position,
+        remainder=tree.remainder,
+        meta={**kept.meta, "selected_chunks": chunks.tolist()},
+    )
 
 
 def select_chunks(

@@ -161,11 +161,11 @@ class ContextTree:
     @property
     def keys(self) -> list[mx.array]:
         """Every layer's keys as float arrays (dequantized when stored quantized)."""
-        return [layer.dequantized()[0] for layer in self.layers]
+        return [layer.keys for layer in self.layers]
 
     @property
     def values(self) -> list[mx.array]:
-        return [layer.dequantized()[1] for layer in self.layers]
+        return [layer.values for layer in self.layers]
 
     @property
     def nbytes(self) -> int:
@@ -221,8 +221,7 @@ class ContextTree:
         """The arrays a saved tree holds, by name."""
         arrays = {}
         for i, layer in enumerate(self.layers):
-            for kind, stored in (("keys", layer.keys), ("values", layer.values)):
-                parts = stored if isinstance(stored, tuple) else (stored,)
+            for kind, parts in (("keys", layer.key_parts), ("values", layer.value_parts)):
                 arrays.update({f"{kind}.{i}.{j}": a for j, a in enumerate(parts)})
         if self.remainder is not None:
             arrays["remainder"] = self.remainder
@@ -244,13 +243,12 @@ class ContextTree:
             if metadata["format"] == TREE_FORMAT and checksum(arrays) != header["checksum"]:
                 raise ValueError("the arrays do not match their checksum: the file is corrupt")
 
-            def stored(kind: str, i: int):
-                found = tuple(arrays[f"{kind}.{i}.{j}"] for j in range(parts))
-                return found if fmt.bits is not None else found[0]
+            def stored(kind: str, i: int) -> tuple[mx.array, ...]:
+                return tuple(arrays[f"{kind}.{i}.{j}"] for j in range(parts))
 
             tree = cls(
                 layers=[
-                    TreeCache.from_arrays(fmt, shapes[i], stored("keys", i), stored("values", i))
+                    TreeCache.from_parts(fmt, shapes[i], stored("keys", i), stored("values", i))
                     for i in range(header["layers"])
                 ],
                 n_chunks=header["n_chunks"],
@@ -292,6 +290,32 @@ class ContextTree:
             made_from = self.meta.get("context_sha256")
             if made_from is not None and made_from != token_hash(self.tokens):
                 raise ValueError("the tokens are not the context the tree was made from")
+
+
+def join_chunks(pieces: Sequence[tuple[ContextTree, int]]) -> ContextTree:
+    """A tree whose chunk p is chunk j of tree t, for pieces[p] = (t, j): entries as stored
+    (keys stay rotated to chunk position j). The query goes after the last chunk; there is
+    no remainder. A layer empty in the first tree (an idle injection) stays empty."""
+    first = pieces[0][0]
+    layers = [
+        _chunk_entries(pieces, i) if layer.capacity else layer
+        for i, layer in enumerate(first.layers)
+    ]
+    tokens = None
+    if all(tree.tokens is not None for tree, _ in pieces):
+        tokens = mx.stack([tree.tokens[j] for tree, j in pieces])
+    # Part of a context, or of several: their hashes would be wrong.
+    meta = {k: v for k, v in first.meta.items() if not k.endswith("_sha256")}
+    n = len(pieces)
+    return ContextTree(layers, n, first.chunk_len, first.entries_per_chunk, n, None, meta, tokens)
+
+
+def _chunk_entries(pieces: Sequence[tuple[ContextTree, int]], i: int) -> TreeCache:
+    """Layer i's entries of chunk j of tree t, for each (t, j) in `pieces`, in order."""
+    t = pieces[0][0].entries_per_chunk
+    return TreeCache.concatenate(
+        [tree.layers[i].take(slice(j * t, (j + 1) * t)) for tree, j in pieces]
+    )
 
 
 TREE_FORMAT = "mlx-sharedllm-context-tree/3"

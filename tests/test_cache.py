@@ -230,3 +230,17 @@ def test_a_tree_cache_converts_between_formats(capacity):
         assert np.array_equal(np.array(a), np.array(b))
     if capacity:
         assert small.nbytes < cache.nbytes / 3
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_entries_are_taken_and_joined_alike_in_every_format(bits):
+    cache = filled_cache(2, 40, 32, TreeFormat("float32", bits, 32))
+    index = mx.array([30, 31, 32, 5, 6, 7])
+    joined = TreeCache.concatenate([cache.take(slice(30, 33)), cache.take(slice(5, 8))])
+    taken = cache.take(index)
+    assert joined.shape == taken.shape == (1, 2, 6, 32) and joined.fmt == cache.fmt
+    for a, b in zip(joined.key_parts + joined.value_parts, taken.key_parts + taken.value_parts):
+        assert mx.array_equal(a, b).item()
+    assert mx.array_equal(taken.keys, cache.keys[:, :, index]).item()
+    with pytest.raises(ValueError, match="one format and head shape"):
+        TreeCache.concatenate([cache, cache.stored_as(TreeFormat("float16", bits, 32))])

@@ -7,6 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_cache import stacked_head32_model
 from test_train import (
     TEXT,
     Repeat,
@@ -19,6 +20,7 @@ from test_train import (
 )
 
 from mlx_sharedllm.adapters import load_adapter
+from mlx_sharedllm.cache import TreeFormat
 from mlx_sharedllm.cli.train_cli import train_command
 from mlx_sharedllm.distractors import Distractors, arrange
 from mlx_sharedllm.model import AttentionTap, log_scale
@@ -49,6 +51,20 @@ def test_arranged_chunks_equal_compressing_them_in_that_order():
     order = [(tree_b, 2), (tree_a, 1), (tree_b, 0), (tree_a, 0), (tree_b, 1)]
     direct = model.compress(mx.array(np.stack([b[2], a[1], b[0], a[0], b[1]])), query)
     assert_same_tree(arrange(model, order), direct)
+
+
+def test_a_quantized_tree_is_arranged_as_its_float_tree_quantized():
+    model = stacked_head32_model(tree_depth=1, last_p=0)  # head_dim 32: quantizable
+    eight = TreeFormat("float32", 8, 32)
+    tree = model.compress(mx.array(_chunks(5, 3)), mx.array([1, 2]))
+    order = [(tree, 2), (tree, 0), (tree, 1)]
+    small = arrange(model, [(tree.stored_as(eight), j) for _, j in order])
+    want = arrange(model, order).stored_as(eight)
+    assert all(layer.fmt == eight for layer in small.layers)
+    assert_same_tree(small, want, atol=0.05)  # the keys are quantized twice
+    for got, expected in zip(small.layers, want.layers):
+        for a, b in zip(got.value_parts, expected.value_parts):
+            assert mx.array_equal(a, b).item()  # values are not rotated: copied as stored
 
 
 def test_padding_puts_the_example_in_order_among_distractors():
