@@ -223,9 +223,7 @@ def stream_generate(
     tree_format = TreeFormat(model.compute_dtype, tree_bits, tree_group_size)
     head_dim = model.tree_shape(0)[3]
     if kv_bits is not None and head_dim % kv_group_size:
-        raise ValueError(
-            f"head_dim {head_dim} is not a multiple of kv_group_size {kv_group_size}"
-        )
+        raise ValueError(f"head_dim {head_dim} is not a multiple of kv_group_size {kv_group_size}")
     read: list[Passage] = []
     if sources and isinstance(context, str):
         context, text_offsets = tokenize_with_offsets(tokenizer, text_pieces(io.StringIO(context)))
