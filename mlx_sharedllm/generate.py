@@ -24,7 +24,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .cache import TreeFormat
 from .model import SharedLLM
 from .reread import Passage, choose, focus, rare_words, token_terms
-from .selection import select_chunks as select_tree_chunks
+from .selection import keep_attended_chunks
 from .sources import Sources, TextOffsets, document_passages, find_sources, tokenize_with_offsets
 from .tree import ContextTree, check_token_ids
 
@@ -231,7 +231,7 @@ def stream_generate(
     keep = model.config.select_chunks if select_chunks is None else select_chunks
     tree, running = prepared.tree, prepared.running
     if tree is not None:
-        tree = select_tree_chunks(model, tree, running, keep)
+        tree = keep_attended_chunks(model, tree, running, keep)
     stats = {**prepared.stats, "chunks_read": tree.n_chunks if tree is not None else 0}
     budget = model.config.reread_tokens if reread_tokens is None else reread_tokens
 

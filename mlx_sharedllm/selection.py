@@ -45,7 +45,7 @@ def keep_chunks(tree: ContextTree, chunks: Sequence[int]) -> ContextTree:
     )
 
 
-def select_chunks(
+def keep_attended_chunks(
     model: SharedLLM, tree: ContextTree, running: np.ndarray, keep: int
 ) -> ContextTree:
     """The `keep` chunks of `tree` that the injection heads attend to most at the last

@@ -15,7 +15,7 @@ from mlx_sharedllm.adapters import load_adapter, save_adapter
 from mlx_sharedllm.cache import TreeFormat
 from mlx_sharedllm.config import SharedLLMConfig
 from mlx_sharedllm.generate import encode_prompt, generate, stream_generate
-from mlx_sharedllm.selection import chunk_scores, keep_chunks, select_chunks
+from mlx_sharedllm.selection import chunk_scores, keep_attended_chunks, keep_chunks
 
 RUNNING = np.array([1, 2, 3], np.int32)
 
@@ -50,10 +50,10 @@ def test_keeping_every_chunk_changes_nothing():
     same = keep_chunks(tree, range(tree.n_chunks))
     a, b = model(mx.array(RUNNING[None]), tree=tree), model(mx.array(RUNNING[None]), tree=same)
     assert mx.array_equal(a, b).item()
-    assert select_chunks(model, tree, RUNNING, 0) is tree
-    assert select_chunks(model, tree, RUNNING, tree.n_chunks) is tree
+    assert keep_attended_chunks(model, tree, RUNNING, 0) is tree
+    assert keep_attended_chunks(model, tree, RUNNING, tree.n_chunks) is tree
     with pytest.raises(ValueError, match="select_chunks must be 0"):
-        select_chunks(model, tree, RUNNING, -1)
+        keep_attended_chunks(model, tree, RUNNING, -1)
 
 
 def test_selection_keeps_the_chunk_every_head_attends_to_most():
@@ -79,8 +79,8 @@ def test_selection_keeps_the_chunk_every_head_attends_to_most():
     rigged = dataclasses.replace(tree, layers=layers)
     scores = chunk_scores(model, rigged, RUNNING)
     assert scores.argmax() == 4, scores
-    assert select_chunks(model, rigged, RUNNING, 1).meta["selected_chunks"] == [4]
-    kept = select_chunks(model, rigged, RUNNING, 3).meta["selected_chunks"]
+    assert keep_attended_chunks(model, rigged, RUNNING, 1).meta["selected_chunks"] == [4]
+    kept = keep_attended_chunks(model, rigged, RUNNING, 3).meta["selected_chunks"]
     assert 4 in kept and kept == sorted(kept) and len(kept) == 3
 
 
@@ -105,7 +105,7 @@ def test_generate_answers_from_the_selected_chunks(loaded, book):  # noqa: F811
     prompt = encode_prompt(tokenizer, "Who?")
     tree = model.compress(mx.array(ids), mx.array(prompt))
     running = np.concatenate([np.array(tree.remainder), prompt])
-    chosen = select_chunks(model, tree, running, 2)
+    chosen = keep_attended_chunks(model, tree, running, 2)
     assert generate(model, tokenizer, "Who?", chosen, max_tokens=4) == "".join(
         r.text for r in picked
     )
