@@ -43,7 +43,7 @@ from sources import botchan_split  # noqa: E402
 from mlx_sharedllm.distractors import arrange, movable_chunks  # noqa: E402
 from mlx_sharedllm.generate import WithTree, encode_prompt  # noqa: E402
 from mlx_sharedllm.loading import load  # noqa: E402
-from mlx_sharedllm.selection import select_chunks  # noqa: E402
+from mlx_sharedllm.selection import keep_attended_chunks  # noqa: E402
 from mlx_sharedllm.tree import ContextTree  # noqa: E402
 
 # Never used in training: template, keys and (odd digit sum) values.
@@ -201,7 +201,7 @@ def run_sharedllm(model, tokenizer, haystack, needles: list[Needle]) -> list[boo
             tree = spliced(model, base, needle, chunk_len)
         else:
             tree = model.compress(mx.array(needle.context), mx.array(needle.prompt))
-        tree = select_chunks(model, tree, needle.prompt, model.config.select_chunks)
+        tree = keep_attended_chunks(model, tree, needle.prompt, model.config.select_chunks)
         text = answer(model, tokenizer, tree, needle.prompt, model.make_cache())
         results.append(is_correct(text, needle.answer))
     return results
