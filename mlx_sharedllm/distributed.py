@@ -219,7 +219,8 @@ def compress_in_shares(
     local = model.compress(mx.array(mine), mx.array(chunks[0, :1]), progress)
     layers = [_gathered(layer, world) for layer in local.layers]
     tokens = world.gather(local.tokens)
-    world.wait("gathering the distractor chunks", [c.keys for c in layers], tokens)
+    stored = [(c.key_parts, c.value_parts) for c in layers]
+    world.wait("gathering the distractor chunks", stored, tokens)
     shares = [
         dataclasses.replace(
             local,
@@ -232,17 +233,19 @@ def compress_in_shares(
 
 
 def _gathered(layer: TreeCache, world: World) -> TreeCache:
-    """A layer whose arrays hold every process's (stacked on the first axis)."""
+    """A layer whose stored parts hold every process's (stacked on the first axis), in
+    any storage format."""
     if not layer.capacity:
         return layer
-    if layer.fmt.bits is not None:
-        raise ValueError("distractors need a float tree, not a quantized one")
-    keys, values = world.gather(layer.keys), world.gather(layer.values)
-    return TreeCache.from_arrays(layer.fmt, layer.shape, keys, values)
+    keys = tuple(world.gather(p) for p in layer.key_parts)
+    values = tuple(world.gather(p) for p in layer.value_parts)
+    return TreeCache.from_parts(layer.fmt, layer.shape, keys, values)
 
 
 def _slice(layer: TreeCache, rank: int) -> TreeCache:
+    """Process `rank`'s part of a gathered layer."""
     if not layer.capacity:
         return layer
-    keys, values = layer.keys[rank : rank + 1], layer.values[rank : rank + 1]
-    return TreeCache.from_arrays(layer.fmt, layer.shape, keys, values)
+    keys = tuple(p[rank : rank + 1] for p in layer.key_parts)
+    values = tuple(p[rank : rank + 1] for p in layer.value_parts)
+    return TreeCache.from_parts(layer.fmt, layer.shape, keys, values)
