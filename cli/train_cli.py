@@ -256,7 +256,10 @@ def train_command(model, data, eval_data, task, out, resume, stop_after, groups,
         )
     except PeerLost as e:
         raise click.ClickException(f"{e}; the checkpoint in {out} resumes with --resume") from None
-    except (InputError, ValueError, FileExistsError) as e:
+    except FileExistsError:
+        message = f"{out} holds a checkpoint: resume it (--resume), or use another folder"
+        raise click.ClickException(_ranked(world, message)) from None
+    except (InputError, ValueError) as e:
         raise click.ClickException(_ranked(world, str(e))) from None
     except KeyboardInterrupt:
         if world.main:

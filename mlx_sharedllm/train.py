@@ -409,7 +409,7 @@ def train(
     if (distractor_text is None) != (config.distractor_chunks == 0):
         raise ValueError("distractor chunks need distractor text, and distractor text a count")
     if model.config.quantization:
-        raise ValueError("cannot train a quantized model: convert it without --quantize")
+        raise ValueError("cannot train a quantized model: convert it unquantized")
     base = model.fingerprint()
     if config.log_scale_entries is not None:
         model.config.log_scale_entries = config.log_scale_entries
@@ -439,7 +439,7 @@ def _start(trainer: _Trainer, resume: bool) -> None:
     if world.any(found, "looking for a checkpoint"):
         if not resume:
             raise FileExistsError(
-                f"{out} holds a checkpoint: resume it (--resume), or use another folder"
+                f"{out} holds a checkpoint: resume it (resume=True), or use another folder"
             )
         trainer.restore()
     elif world.main:

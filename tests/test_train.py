@@ -448,6 +448,9 @@ def test_cli_language_modelling_and_one_line_errors(zero_model, tmp_path):
     lm = ["--data", str(book), "-o", str(tmp_path / "lm"), "--context-chunks", "1"]
     result = CliRunner().invoke(train_command, [*base, *lm, "--window", "16"])
     assert result.exit_code == 0, result.output
+    again = CliRunner().invoke(train_command, [*base, *lm, "--window", "16"])
+    assert again.exit_code == 1
+    assert "holds a checkpoint: resume it (--resume), or use another folder" in again.output
     bad = tmp_path / "bad.jsonl"
     bad.write_text(_jsonl(GOOD, {"prompt": "q", "response": "a"}))
     result = CliRunner().invoke(train_command, [*base, "--data", str(bad), "-o", str(tmp_path)])
