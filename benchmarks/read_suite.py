@@ -56,7 +56,7 @@ from mlx_sharedllm.generate import (  # noqa: E402
     reread_passages,
     stream_generate,
 )
-from mlx_sharedllm.loading import load  # noqa: E402
+from mlx_sharedllm.loading import load, migrated_tree  # noqa: E402
 from mlx_sharedllm.tree import ContextTree  # noqa: E402
 
 MAX_TOKENS = 40
@@ -97,7 +97,12 @@ def bank(model, ids: np.ndarray, name: str) -> ContextTree:
     """The text's chunks compressed once (cached on disk by model and text)."""
     chunk_len = model.config.chunk_len
     n = len(ids) // chunk_len
-    path = cache_home() / "suite" / f"{name}-{model.fingerprint()}-{n}x{chunk_len}.tree"
+    folder = cache_home() / "suite"
+    for alias in model.aliases:  # a bank made before the model's folder was migrated
+        old = folder / f"{name}-{alias}-{n}x{chunk_len}.tree"
+        if old.exists():
+            return migrated_tree(ContextTree.load(old), model)
+    path = folder / f"{name}-{model.fingerprint()}-{n}x{chunk_len}.tree"
     if path.exists():
         return ContextTree.load(path)
     tic = time.perf_counter()

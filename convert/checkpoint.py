@@ -165,7 +165,7 @@ def convert(
     src = resolve_source(src)
     model = build_model(src, FLOAT_DTYPES.get(dtype), stack, progress)
     if stack is not None and stack.auto_heads is not None:
-        copy_retrieval_heads(src, model, stack, progress)
+        model = copy_retrieval_heads(src, model, stack, progress)
     model.config = dataclasses.replace(model.config, **(tree or {}))
     config = model.config.to_dict()
     if quantize:
@@ -175,9 +175,11 @@ def convert(
     return out
 
 
-def copy_retrieval_heads(src: Path, model: SharedLLM, stack: StackOptions, progress: bool) -> None:
-    """Find the base model's retrieval heads below the injection layers (heads.py) and
-    keep only theirs in the injection's copied output."""
+def copy_retrieval_heads(
+    src: Path, model: SharedLLM, stack: StackOptions, progress: bool
+) -> SharedLLM:
+    """The model with injection only for the base model's retrieval heads below layer M
+    (heads.py), found on `model`, whose injection copies every head."""
     from mlx_lm.utils import load_tokenizer
 
     from ..heads import find_heads
@@ -195,7 +197,7 @@ def copy_retrieval_heads(src: Path, model: SharedLLM, stack: StackOptions, progr
     if progress:
         found = ", ".join(f"{h} ({h.score:.2f})" for h in heads)
         print(f"copying heads {found}", file=sys.stderr)
-    keep_heads(model, [(h.layer, h.head) for h in heads], stack.m)
+    return keep_heads(model, [(h.layer, h.head) for h in heads], stack.m)
 
 
 def _save_tokenizer(src: Path, folder: Path) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 from mlx_lm.models.llama import ModelArgs as LlamaArgs
 
 from ..config import SharedLLMConfig, head_dim
@@ -79,14 +81,23 @@ def parse_copy_heads(value: str) -> dict:
     return {"auto_heads": int(count)}
 
 
-def keep_heads(model: SharedLLM, heads: Iterable[tuple[int, int]], m: int) -> None:
-    """Zero the injection output of every head but `heads` in layers 0..m-1 (their
-    cross-attention started as a copy of all heads)."""
+def keep_heads(model: SharedLLM, heads: Iterable[tuple[int, int]], m: int) -> SharedLLM:
+    """The model (whose cross-attention in layers 0..m-1 started as a copy of all heads)
+    with injection blocks only in the layers of `heads`, each copying only those heads'
+    output."""
     stack = StackOptions(m, "copy", tuple(heads))
     n_heads = model.args.num_attention_heads
-    for i in range(m):
-        o_proj = model.layers[i].cross_attn.o_proj
-        o_proj.weight = o_proj.weight * _head_mask(stack, i, o_proj.weight, n_heads)
+    weights = dict(tree_flatten(model.parameters()))
+    for i in injection_layers(stack):
+        name = f"model.layers.{i}.cross_attn.o_proj.weight"
+        weights[name] = weights[name] * _head_mask(stack, i, weights[name], n_heads)
+    layers = injection_layers(stack)
+    config = dataclasses.replace(
+        model.config, injection_layers=layers, num_injection_layers=layers[-1] + 1
+    )
+    kept = SharedLLM(config)
+    kept.load_weights(list(kept.sanitize(weights).items()))
+    return kept
 
 
 def base_table(args: LlamaArgs) -> tuple[dict[str, Shape], dict[str, Shape]]:
@@ -101,12 +112,20 @@ def base_table(args: LlamaArgs) -> tuple[dict[str, Shape], dict[str, Shape]]:
     return kept, dropped
 
 
+def injection_layers(stack: StackOptions) -> tuple[int, ...]:
+    """The layers that get an injection block: those with heads to copy, when named (the
+    others would add nothing), else all of 0..m-1."""
+    if stack.heads is None:
+        return tuple(range(stack.m))
+    return tuple(sorted({layer for layer, _ in stack.heads}))
+
+
 def injection_init(
     weights: dict[str, mx.array], stack: StackOptions, n_heads: int
 ) -> dict[str, mx.array]:
-    """The cross-attention weights of layers 0..m-1, started from their self-attention."""
+    """The cross-attention weights of the injection layers, from their self-attention."""
     out = {}
-    for i in range(stack.m):
+    for i in injection_layers(stack):
         layer = f"model.layers.{i}"
         o_proj = weights[f"{layer}.self_attn.o_proj.weight"]
         out[f"{layer}.cross_attn.layernorm.weight"] = weights[f"{layer}.input_layernorm.weight"]
@@ -144,10 +163,12 @@ def stack_from_one(
     # A config may omit tie_word_embeddings; then an lm_head tells whether it is tied.
     hf = {"tie_word_embeddings": "lm_head.weight" not in weights, **hf, "model_type": "llama"}
     args = LlamaArgs.from_dict(hf)
+    layers = injection_layers(stack)
     cfg = SharedLLMConfig(
         upper=args,
         lower=None,
-        num_injection_layers=stack.m,
+        num_injection_layers=layers[-1] + 1,
+        injection_layers=layers,
         layout="paper",
         injection=stack.init,
     )

@@ -7,6 +7,7 @@ trained from, so an adapter is never applied to another model).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -38,14 +39,19 @@ def trainable_modules(
 ) -> list[nn.Module]:
     """The modules the named groups train; the lower model is never among them.
 
-    `injection_layers` limits the injection group to those layers (default: all M).
+    `injection_layers` limits the injection group to those layers (default: all of the
+    model's injection layers).
     """
-    m, layers = model.config.num_injection_layers, model.layers
+    m, layers, valid = (
+        model.config.num_injection_layers,
+        model.layers,
+        model.config.injection_layers,
+    )
     modules: list[nn.Module] = []
-    chosen = range(m) if injection_layers is None else injection_layers
-    bad = [i for i in chosen if not 0 <= i < m]
+    chosen = valid if injection_layers is None else injection_layers
+    bad = [i for i in chosen if i not in valid]
     if bad:
-        raise ValueError(f"injection layers {bad} are not among this model's 0..{m - 1}")
+        raise ValueError(f"injection layers {bad} are not among this model's {_layers(valid)}")
     if "injection" in groups:
         modules += [layers[i].cross_attn for i in chosen]
     if "upper" in groups:
@@ -57,6 +63,11 @@ def trainable_modules(
             )
         modules.append(model.lm_head)
     return modules
+
+
+def _layers(layers: tuple[int, ...]) -> str:
+    """'0..3' for a run of layers from 0, else the list."""
+    return f"0..{layers[-1]}" if layers == tuple(range(len(layers))) else str(list(layers))
 
 
 def set_trainable(
@@ -171,7 +182,7 @@ def load_adapter(
     """
     meta, weights = read_adapter(path)
     ours = model.fingerprint()
-    if check_fingerprint and meta.get("base_fingerprint") != ours:
+    if check_fingerprint and meta.get("base_fingerprint") not in (ours, *model.aliases):
         raise ValueError(
             f"{path} was trained from a different model (fingerprint "
             f"{meta.get('base_fingerprint')}, this model is {ours})"
@@ -183,10 +194,8 @@ def load_adapter(
         raise ValueError(f"{path}: {e}") from None
     model.load_weights([(k, v.astype(params[k].dtype)) for k, v in weights.items()], strict=False)
     mx.eval(model.parameters())
-    model.config.injection = "trained"
-    for name in SETTINGS:
-        setattr(model.config, name, meta.get(name, 0))
-    model.mark_idle_injections()
+    settings = {name: meta.get(name, 0) for name in SETTINGS}
+    model.config = dataclasses.replace(model.config, injection="trained", **settings)
     return meta
 
 

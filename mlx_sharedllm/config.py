@@ -121,14 +121,19 @@ class SharedLLMConfig:
     """Everything that defines a SharedLLM stack.
 
     `upper` is the decoder (all N layers run); `lower` is the compressor, of which only
-    the first `num_injection_layers` (M) layers exist. Upper layers i < M read the
-    context tree through an injection block. `lower=None` stacks the model from one:
-    the compressor is the upper model's own bottom M layers (shared weights).
+    the first `num_injection_layers` (M) layers exist and run. The upper layers listed
+    in `injection_layers` (default: all of 0..M-1, the released checkpoints' "bottom M
+    layers") read the context tree through an injection block, each from the lower
+    layer of the same index; only they have injection blocks and tree storage.
+    `lower=None` stacks the model from one: the compressor is the upper model's own
+    bottom M layers (shared weights). The description is fixed once made: a change of
+    setting is a new config (`dataclasses.replace`).
     """
 
     upper: LlamaArgs
     lower: LlamaArgs | None
     num_injection_layers: int
+    injection_layers: tuple[int, ...] | None = None
     tree_depth: int = 3
     last_p: int | float = 32
     chunk_len: int = 1024
@@ -152,6 +157,11 @@ class SharedLLMConfig:
         self.upper = _llama_args(self.upper, "upper")
         self.lower = None if self.lower is None else _llama_args(self.lower, "lower")
         self.last_p = parse_last_p(self.last_p)
+        m = self.num_injection_layers
+        if self.injection_layers is None and is_int(m):
+            self.injection_layers = tuple(range(m))
+        elif self.injection_layers is not None:
+            self.injection_layers = _layer_list(self.injection_layers)
         self._validate()
         if self.lower is not None and self.lower.num_hidden_layers > self.num_injection_layers:
             # Nothing above layer M of the lower model ever runs.
@@ -167,6 +177,13 @@ class SharedLLMConfig:
     def _validate(self) -> None:
         m, up, low = self.num_injection_layers, self.upper, self.lower or self.upper
         check_int("num_injection_layers", m, 1, up.num_hidden_layers)
+        layers = self.injection_layers
+        if not layers or layers[-1] != m - 1:
+            raise ValueError(
+                f"injection_layers {list(layers)} must be a non-empty list of layers below "
+                f"num_injection_layers ({m}) that ends with layer {m - 1}, the last one the "
+                "compressor runs"
+            )
         check_int("compress_batch", self.compress_batch, 1)
         check_int("chunk_len", self.chunk_len, 2, MAX_CHUNK_LEN)
         # Before check_chunk_len computes 2**depth: a chunk halves at most log2(len) times.
@@ -207,12 +224,25 @@ class SharedLLMConfig:
         return cls(**{k: v for k, v in params.items() if k in names})
 
     def tree_dict(self) -> dict[str, Any]:
-        """The settings a context tree depends on."""
+        """The settings a context tree depends on (the injection layers only where they
+        are not all of 0..M-1, so that trees of such models read as before)."""
         keys = ("num_injection_layers", "tree_depth", "last_p", "chunk_len", "policy", "layout")
-        return {k: getattr(self, k) for k in keys}
+        out = {k: getattr(self, k) for k in keys}
+        if not self.injects_everywhere:
+            out["injection_layers"] = list(self.injection_layers)
+        return out
+
+    @property
+    def injects_everywhere(self) -> bool:
+        """True when every one of the M compressor layers injects (the paper's layout)."""
+        return self.injection_layers == tuple(range(self.num_injection_layers))
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        if self.injects_everywhere:
+            del out["injection_layers"]  # as configs were written before the field existed
+        else:
+            out["injection_layers"] = list(self.injection_layers)
         out["upper"] = _args_dict(self.upper)
         out["lower"] = None if self.lower is None else _args_dict(self.lower)
         if out["quantization"] is None:
@@ -222,6 +252,16 @@ class SharedLLMConfig:
 
 def _args_dict(args: LlamaArgs) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(args).items() if v is not None}
+
+
+def _layer_list(layers: Any) -> tuple[int, ...]:
+    """Distinct non-negative layer indices, sorted."""
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise ValueError(f"injection_layers must be a list of layer indices, got {layers!r}")
+    out = tuple(layers)
+    if not all(is_int(i) and i >= 0 for i in out) or len(set(out)) != len(out):
+        raise ValueError(f"injection_layers must be distinct layer indices, got {list(out)}")
+    return tuple(sorted(out))
 
 
 def head_dim(args: LlamaArgs) -> int:

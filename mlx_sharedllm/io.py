@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.utils import save_model as mlx_lm_save_model
 
 # One name for each float dtype a model or tree is stored in.
@@ -110,3 +111,44 @@ def safetensors_headers(path: Path) -> dict[str, dict]:
     if not headers:
         raise ValueError(f"{path} holds no .safetensors weights")
     return headers
+
+
+def live_injection_layers(path: Path, m: int) -> tuple[int, ...]:
+    """The layers below `m` of a converted folder whose injection output projection is not
+    all zeros (an all-zero one adds nothing). Reads those tensors' bytes only."""
+    headers, live = safetensors_headers(path), []
+    for i in range(m):
+        prefix = f"model.layers.{i}.cross_attn.o_proj."
+        # Quantized weights are zero when their scales and biases are.
+        parts = ["scales", "biases"] if prefix + "scales" in headers else ["weight"]
+        if prefix + parts[0] in headers and not all(_is_zero(headers[prefix + p]) for p in parts):
+            live.append(i)
+    return tuple(live)
+
+
+def _is_zero(entry: dict) -> bool:
+    """True when a float tensor holds only zeros (of either sign)."""
+    start, end = entry["data_offsets"]
+    with open(entry["file"], "rb") as f:
+        f.seek(entry["data_start"] + start)
+        data = f.read(end - start)
+    width = {"F32": np.uint32, "F16": np.uint16, "BF16": np.uint16}[entry["dtype"]]
+    sign = np.array(1 << (8 * np.dtype(width).itemsize - 1), dtype=width)
+    return not np.any(np.frombuffer(data, width) & ~sign)
+
+
+def config_of_folder(path: Path) -> dict[str, Any]:
+    """A converted folder's config.json, with `injection_layers` filled in for a folder
+    written before configs had them: the layers whose injection output is not all zeros
+    (those that add something), the compressor running up to the last of them; every
+    layer below M when none does (an untrained zero init)."""
+    params = json.loads((Path(path) / "config.json").read_text())
+    if not isinstance(params, dict) or "injection_layers" in params:
+        return params
+    m = params.get("num_injection_layers")
+    if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+        return params  # the config's own validation says what is wrong
+    live = live_injection_layers(Path(path), m)
+    if not live or live == tuple(range(m)):
+        return params
+    return {**params, "injection_layers": list(live), "num_injection_layers": live[-1] + 1}

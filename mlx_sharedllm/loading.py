@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import numpy as np
 import transformers
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model, load_tokenizer
 
 from .config import SharedLLMConfig
-from .model import SharedLLM
+from .io import config_of_folder
+from .model import SharedLLM, fingerprint_of
 from .tree import ContextTree, token_hash
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -33,8 +37,16 @@ def load(path: str | Path = DEFAULT) -> tuple[SharedLLM, TokenizerWrapper | None
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a converted model folder (no config.json)")
-    model, _ = load_model(path, get_model_classes=lambda config: (SharedLLM, SharedLLMConfig))
-    model.mark_idle_injections()
+    params = config_of_folder(path)
+    migrated = "injection_layers" in params and not _declares_layers(path)
+    keys = ("injection_layers", "num_injection_layers")
+    model, _ = load_model(
+        path,
+        model_config={k: params[k] for k in keys} if migrated else None,
+        get_model_classes=lambda config: (SharedLLM, SharedLLMConfig),
+    )
+    if migrated:
+        model.aliases = (legacy_fingerprint(path),)
     if not any((path / name).exists() for name in TOKENIZER_FILES):
         return model, None
     # transformers reads our config.json and warns that it does not know "sharedllm".
@@ -46,6 +58,23 @@ def load(path: str | Path = DEFAULT) -> tuple[SharedLLM, TokenizerWrapper | None
         transformers.logging.set_verbosity(verbosity)
 
 
+def _declares_layers(path: Path) -> bool:
+    return "injection_layers" in json.loads((path / "config.json").read_text())
+
+
+def legacy_fingerprint(path: Path) -> str:
+    """The fingerprint that the code before `injection_layers` gave a folder that this
+    version reads with fewer injection blocks (trees and adapters made then record it)."""
+    params = json.loads((path / "config.json").read_text())
+    config = SharedLLMConfig.from_dict(params)
+    weights: dict[str, mx.array] = {}
+    for file in sorted(path.glob("model*.safetensors")):
+        weights.update(mx.load(str(file)))
+    if config.upper.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    return fingerprint_of(config, weights.items())
+
+
 def load_context(path: str | Path, model: SharedLLM, context: Any = None) -> ContextTree:
     """Load a tree saved with `ContextTree.save`, refusing one made by another model or
     with other settings, or one whose token ids this model's vocabulary does not hold.
@@ -55,11 +84,13 @@ def load_context(path: str | Path, model: SharedLLM, context: Any = None) -> Con
     """
     tree = ContextTree.load(path)
     made_by, ours = tree.meta.get("model"), model.fingerprint()
-    if made_by != ours:
+    if made_by != ours and made_by not in model.aliases:
         raise ValueError(
             f"{path} was compressed by a different model (fingerprint {made_by}, "
             f"this model is {ours}): compress the text again with this model"
         )
+    if made_by in model.aliases:
+        tree = migrated_tree(tree, model)
     if tree.meta.get("config") != model.config.tree_dict():
         raise ValueError(
             f"{path} was compressed with other tree settings: {tree.meta.get('config')}"
@@ -68,14 +99,13 @@ def load_context(path: str | Path, model: SharedLLM, context: Any = None) -> Con
         raise ValueError(
             f"{path} has chunks of {tree.chunk_len} tokens, the model {model.config.chunk_len}"
         )
-    if len(tree.layers) != model.config.num_injection_layers:
+    if len(tree.layers) != len(model.config.injection_layers):
         raise ValueError(
             f"{path} holds {len(tree.layers)} layers, the model injects in "
-            f"{model.config.num_injection_layers}"
+            f"{len(model.config.injection_layers)}"
         )
+    expected = model.tree_shape(tree.num_entries)
     for i, layer in enumerate(tree.layers):
-        idle = model.layers[i].cross_attn.idle  # an idle layer's tree is stored empty
-        expected = model.tree_shape(0 if idle else tree.num_entries)
         if layer.shape != expected:
             raise ValueError(f"{path}: layer {i} has shape {layer.shape}, expected {expected}")
     try:
@@ -85,6 +115,15 @@ def load_context(path: str | Path, model: SharedLLM, context: Any = None) -> Con
     if context is not None:
         _check_context(path, tree, np.asarray(context).reshape(-1))
     return tree
+
+
+def migrated_tree(tree: ContextTree, model: SharedLLM) -> ContextTree:
+    """A tree saved before `injection_layers`, for the model this version loads from the
+    same folder: one layer per injection layer (the others were stored empty), and the
+    settings as the model now records them."""
+    layers = [tree.layers[i] for i in model.config.injection_layers if i < len(tree.layers)]
+    meta = {**tree.meta, "model": model.fingerprint(), "config": model.config.tree_dict()}
+    return dataclasses.replace(tree, layers=layers, meta=meta)
 
 
 def _check_context(path: str | Path, tree: ContextTree, ids: np.ndarray) -> None:

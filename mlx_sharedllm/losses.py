@@ -61,11 +61,10 @@ def attention_nll(logprobs: list[mx.array], target: AttentionTarget) -> mx.array
 
 def taught_heads(model: SharedLLM, config: TrainConfig) -> list[list[int] | None]:
     """Per injection layer that runs while training (in order), the heads to teach."""
-    n_inj, n_heads = model.config.num_injection_layers, model.args.num_attention_heads
-    training = config.injection_layers or tuple(range(n_inj))
+    injecting, n_heads = model.config.injection_layers, model.args.num_attention_heads
+    training = config.injection_layers or injecting
     pairs = config.attention_heads or [(i, h) for i in training for h in range(n_heads)]
     wrong = [f"{i}.{h}" for i, h in pairs if i not in training or not 0 <= h < n_heads]
     if wrong:
         raise ValueError(f"attention heads {wrong} are not heads of a training injection layer")
-    running = [i for i in range(n_inj) if i in training or not model.layers[i].cross_attn.idle]
-    return [sorted(h for i, h in pairs if i == layer) or None for layer in running]
+    return [sorted(h for i, h in pairs if i == layer) or None for layer in injecting]

@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,9 +68,6 @@ class Injection(nn.Module):
 
     def __init__(self, args: llama.ModelArgs):
         super().__init__()
-        # True when o_proj is all zeros (a zero-init layer that was not trained): the
-        # block then adds exactly nothing, so it is skipped. Set by `mark_idle_injections`.
-        self.idle = False
         self.n_heads = args.num_attention_heads
         self.scale = head_dim(args) ** -0.5
         dim, inner = args.hidden_size, self.n_heads * head_dim(args)
@@ -118,12 +115,7 @@ class DecoderLayer(llama.TransformerBlock):
         self, x, mask=None, cache=None, tree_kv=None, position: int = 0, tap=None, sharpen=1.0
     ) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
-        if tree_kv is not None and not self.cross_attn.idle:
-            if not tree_kv.capacity:
-                raise ValueError(
-                    "the tree was compressed while this injection layer was idle (its "
-                    "output projection was zero): compress the context again"
-                )
+        if tree_kv is not None:
             h = self.cross_attn(h, tree_kv, position, tap, sharpen)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -135,7 +127,7 @@ class UpperModel(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [
-            DecoderLayer(args, inject=i < config.num_injection_layers)
+            DecoderLayer(args, inject=i in config.injection_layers)
             for i in range(args.num_hidden_layers)
         ]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
@@ -151,9 +143,9 @@ class UpperModel(nn.Module):
         h = self.embed_tokens(inputs)
         mask = create_attention_mask(h, cache[0])
         sharpen = log_scale(tree.num_entries, self.config.log_scale_entries) if tree else 1.0
+        reads = dict(zip(self.config.injection_layers, tree.layers)) if tree is not None else {}
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
-            tree_kv = tree.layer(i) if tree is not None and i < len(tree.layers) else None
-            h = layer(h, mask, c, tree_kv, tree.query_position if tree else 0, tap, sharpen)
+            h = layer(h, mask, c, reads.get(i), tree.query_position if tree else 0, tap, sharpen)
         return self.norm(h)
 
     def _check_inputs(self, inputs: mx.array, tree: ContextTree | None, cache) -> None:
@@ -187,6 +179,9 @@ class SharedLLM(nn.Module):
         super().__init__()
         self.config = config
         self.args = config.upper
+        # Fingerprints this model's folder had before it was migrated (loading.py): trees
+        # and adapters made then record them.
+        self.aliases: tuple[str, ...] = ()
         self.model = UpperModel(config)
         if not config.stacked:
             self.encoder = llama.LlamaModel(config.lower)
@@ -218,18 +213,6 @@ class SharedLLM(nn.Module):
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
 
-    def mark_idle_injections(self, active: tuple[int, ...] = ()) -> list[int]:
-        """Mark the injection layers whose output projection is all zeros as idle (they
-        add nothing, so they are skipped); layers in `active` stay on. Returns the idle
-        layers. Loading a model or an adapter calls this; training keeps its layers on."""
-        idle = []
-        for i in range(self.config.num_injection_layers):
-            block = self.layers[i].cross_attn
-            block.idle = i not in active and _all_zero(block.o_proj)
-            if block.idle:
-                idle.append(i)
-        return idle
-
     def tree_shape(self, entries: int) -> tuple[int, int, int, int]:
         """Shape of one layer's tree keys (or values) holding `entries` entries."""
         lower = self.config.lower or self.config.upper
@@ -242,7 +225,18 @@ class SharedLLM(nn.Module):
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         if self.config.upper.tie_word_embeddings:
             weights.pop("lm_head.weight", None)
-        return weights
+        return {k: v for k, v in weights.items() if not self._unused_injection(k)}
+
+    def _unused_injection(self, name: str) -> bool:
+        """A legacy folder's injection weights for a layer that does not inject (its
+        output projection was all zeros: see loading.live_injection_layers)."""
+        parts = name.split(".")
+        return (
+            len(parts) > 3
+            and parts[:2] == ["model", "layers"]
+            and parts[3] == "cross_attn"
+            and int(parts[2]) not in self.config.injection_layers
+        )
 
     # -- compression ---------------------------------------------------------------
 
@@ -279,17 +273,12 @@ class SharedLLM(nn.Module):
         entries = sum(len(downsample_index(length, self.config.last_p)) for length in plan.lengths)
         fmt = tree_format or TreeFormat(dtype=self.compute_dtype)
         _, kv_heads, _, dim = self.tree_shape(n * entries)
-        # An idle injection layer never reads its tree: it is stored empty.
-        caches = [
-            TreeCache(kv_heads, 0 if self.layers[i].cross_attn.idle else n * entries, dim, fmt)
-            for i in range(self.config.num_injection_layers)
-        ]
+        caches = [TreeCache(kv_heads, n * entries, dim, fmt) for _ in self.config.injection_layers]
         key_pos, query_pos = chunk_positions(n, entries, self.config.layout)
         for idx in self._batches(n):
             positions, keep = mx.array(key_pos[idx]), mx.arange(entries)
             for cache, (k, v) in zip(caches, self._encode_slots(chunks, plan, idx)):
-                if cache.capacity:
-                    tree_compress(k, v, keep, positions, idx * entries, self.chunk_rope, cache)
+                tree_compress(k, v, keep, positions, idx * entries, self.chunk_rope, cache)
             mx.eval([(c.key_parts, c.value_parts) for c in caches])
             progress(int(idx[-1]) + 1, n)
         return ContextTree(
@@ -314,24 +303,8 @@ class SharedLLM(nn.Module):
         return str(self.model.norm.weight.dtype).rsplit(".", 1)[-1]
 
     def fingerprint(self) -> str:
-        """A short hash that tells this model's weights and config from another's.
-
-        It hashes every parameter's name, shape, dtype and an evenly spaced sample of
-        its values, so it is quick even for a large model.
-        """
-        # None changes what the weights compute alone; an adapter carries the scale and
-        # the selection.
-        skip = ("compress_batch", "log_scale_entries", "select_chunks", "reread_tokens")
-        config = {k: v for k, v in self.config.to_dict().items() if k not in skip}
-        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-        for name, value in sorted(tree_flatten(self.parameters())):
-            flat = value.reshape(-1)
-            sample = flat[:: max(1, flat.size // 64)]
-            if sample.dtype == mx.bfloat16:
-                sample = sample.astype(mx.float32)
-            digest.update(f"{name}{value.shape}{value.dtype}".encode())
-            digest.update(np.array(sample).tobytes())
-        return digest.hexdigest()[:16]
+        """A short hash that tells this model's weights and config from another's."""
+        return fingerprint_of(self.config, tree_flatten(self.parameters()))
 
     def _as_chunks(self, context: Any) -> tuple[mx.array, mx.array | None]:
         context = mx.array(context) if not isinstance(context, mx.array) else context
@@ -402,18 +375,20 @@ class SharedLLM(nn.Module):
                 mx.concatenate([p[i][0] for p in parts], axis=2),
                 mx.concatenate([p[i][1] for p in parts], axis=2),
             )
-            for i in range(self.config.num_injection_layers)
+            for i in range(len(self.config.injection_layers))
         ]
 
     def _encode(self, tokens: mx.array) -> list[tuple[mx.array, mx.array]]:
-        """Run the lower model on (B, len) segments; per layer, downsampled (keys, values)."""
+        """Run the lower model on (B, len) segments; per injection layer, downsampled
+        (keys, values)."""
         lower, m = self.lower, self.config.num_injection_layers
         captures = [_Capture() for _ in range(m)]
         h = lower.embed_tokens(tokens)
         for layer, capture in zip(lower.layers[:m], captures):
             h = layer(h, mask="causal", cache=capture)
         keep = mx.array(downsample_index(tokens.shape[1], self.config.last_p))
-        return [(c.keys[:, :, keep], c.values[:, :, keep]) for c in captures]
+        read = [captures[i] for i in self.config.injection_layers]
+        return [(c.keys[:, :, keep], c.values[:, :, keep]) for c in read]
 
     def _batches(self, n: int) -> list[np.ndarray]:
         size = self.config.compress_batch
@@ -436,12 +411,22 @@ def _gather(chunks: mx.array, rows: np.ndarray, starts: np.ndarray, length: int)
     return mx.take_along_axis(chunks[mx.array(rows)], cols, axis=1)
 
 
-def _all_zero(linear: nn.Module) -> bool:
-    weight = linear.weight
-    if hasattr(linear, "scales"):
-        args = (linear.scales, linear.biases, linear.group_size, linear.bits)
-        weight = mx.dequantize(weight, *args)
-    return not mx.any(weight).item()
+def fingerprint_of(config: SharedLLMConfig, parameters: Iterable[tuple[str, mx.array]]) -> str:
+    """A short hash of a config and parameters: every parameter's name, shape, dtype and
+    an evenly spaced sample of its values, so it is quick even for a large model."""
+    # None changes what the weights compute alone; an adapter carries the scale and
+    # the selection.
+    skip = ("compress_batch", "log_scale_entries", "select_chunks", "reread_tokens")
+    settings = {k: v for k, v in config.to_dict().items() if k not in skip}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for name, value in sorted(parameters, key=lambda item: item[0]):
+        flat = value.reshape(-1)
+        sample = flat[:: max(1, flat.size // 64)]
+        if sample.dtype == mx.bfloat16:
+            sample = sample.astype(mx.float32)
+        digest.update(f"{name}{value.shape}{value.dtype}".encode())
+        digest.update(np.array(sample).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _unit(x: mx.array, eps: float = 1e-6) -> mx.array:

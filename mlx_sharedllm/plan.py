@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from mlx_lm.models.llama import ModelArgs as LlamaArgs
 
 from .cache import FLOAT_DTYPES, SCORE_BLOCK_BYTES, TreeFormat
 from .config import SharedLLMConfig, check_int, head_dim
-from .io import safetensors_headers
+from .io import config_of_folder, safetensors_headers
 from .model import SharedLLM
 from .tree import downsample_count, plan_segments
 
@@ -197,7 +196,7 @@ class MemoryPlan:
     selection_activations: int
     encoding_activations: int
     generation_activations: int
-    tree_layers: int = 0  # injection layers that store a tree (idle ones store none)
+    tree_layers: int = 0  # injection layers, each storing a tree
 
     @property
     def phases(self) -> dict[str, int]:
@@ -219,8 +218,7 @@ class MemoryPlan:
     def replan(self, **changes) -> MemoryPlan:
         """The same model with other settings (weights unchanged)."""
         settings = dataclasses.replace(self.settings, **changes)
-        idle = self.config.num_injection_layers - self.tree_layers
-        return make_plan(self.config, settings, self.weights, self.name, idle)
+        return make_plan(self.config, settings, self.weights, self.name)
 
 
 # -- the plan --------------------------------------------------------------------------
@@ -231,10 +229,9 @@ def make_plan(
     settings: PlanSettings,
     weights: WeightBytes,
     name: str = "",
-    idle_layers: int = 0,
 ) -> MemoryPlan:
     """Plan a run of `config` with `settings`, the weights taking `weights`;
-    `idle_layers` injection layers are idle and store no tree."""
+    Each of the config's injection layers stores a tree."""
     s, lower = settings, config.lower or config.upper
     n_chunks = s.context_tokens // config.chunk_len
     lengths = segment_lengths(config)
@@ -244,7 +241,7 @@ def make_plan(
     rows, size = min(batch, n_chunks), FLOAT_DTYPES[s.dtype].size
     tree_fmt = TreeFormat(s.dtype, s.tree_bits, s.tree_group_size)
     kv_fmt = TreeFormat(s.dtype, s.kv_bits, s.kv_group_size)
-    tree_layers = config.num_injection_layers - idle_layers
+    tree_layers = len(config.injection_layers)
     tree_vectors = 2 * tree_layers * entries * lower.num_key_value_heads
     half = config.chunk_len // 2
     selects = config.policy == "query" and config.tree_depth > 1
@@ -348,29 +345,6 @@ def weight_bytes(
     return WeightBytes(sizes["upper"], sizes["lower"], dtype, bits, group_size)
 
 
-def idle_injection_layers(path: Path, config: SharedLLMConfig) -> int:
-    """How many injection layers of a converted folder have an all-zero output
-    projection (idle: they store no tree). Reads those tensors' bytes only."""
-    headers, idle = safetensors_headers(path), 0
-    for i in range(config.num_injection_layers):
-        prefix = f"model.layers.{i}.cross_attn.o_proj."
-        # Quantized weights are zero when their scales and biases are.
-        parts = ["scales", "biases"] if prefix + "scales" in headers else ["weight"]
-        idle += all(_is_zero(headers[prefix + p]) for p in parts)
-    return idle
-
-
-def _is_zero(entry: dict) -> bool:
-    """True when a float tensor holds only zeros (of either sign)."""
-    start, end = entry["data_offsets"]
-    with open(entry["file"], "rb") as f:
-        f.seek(entry["data_start"] + start)
-        data = f.read(end - start)
-    width = {"F32": np.uint32, "F16": np.uint16, "BF16": np.uint16}[entry["dtype"]]
-    sign = np.array(1 << (8 * np.dtype(width).itemsize - 1), dtype=width)
-    return not np.any(np.frombuffer(data, width) & ~sign)
-
-
 def stored_weights(path: Path, quantization: dict | None) -> WeightBytes:
     """The weights as stored in a converted folder; their dtype is the final norm's (never
     quantized), the model's compute dtype. Only the file headers are read."""
@@ -434,14 +408,14 @@ def plan_for_model_dir(
     (as if converted with -q); `settings` are other PlanSettings fields (the compute
     dtype defaults to the model's)."""
     path = Path(path)
-    params = json.loads((path / "config.json").read_text())
+    params = config_of_folder(path)
     config = SharedLLMConfig.from_dict(params)
     weights = stored_weights(path, params.get("quantization"))
     s = PlanSettings(context_tokens, **{"dtype": weights.dtype, **settings})
     s = dataclasses.replace(s, tree_bits=tree_bits, kv_bits=kv_bits)
     if weight_bits is not None:
         weights = weight_bytes(config, check_weight_bits(weight_bits, s.dtype), s.dtype)
-    return make_plan(config, s, weights, str(path), idle_injection_layers(path, config))
+    return make_plan(config, s, weights, str(path))
 
 
 # -- this machine ----------------------------------------------------------------------

@@ -8,6 +8,7 @@ The data lives in train_data.py, the losses in losses.py.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -412,7 +413,8 @@ def train(
         raise ValueError("cannot train a quantized model: convert it unquantized")
     base = model.fingerprint()
     if config.log_scale_entries is not None:
-        model.config.log_scale_entries = config.log_scale_entries
+        scale = config.log_scale_entries
+        model.config = dataclasses.replace(model.config, log_scale_entries=scale)
     if config.dtype:
         model.set_dtype(FLOAT_DTYPES[config.dtype])
     set_trainable(model, config.train, config.injection_layers)
@@ -421,9 +423,6 @@ def train(
         world.check_same(base_fingerprint=base, config=asdict(config))
         trainer = _Trainer(model, data, out, config, eval_data, base, world)
         _start(trainer, resume)
-        if "injection" in config.train:  # a layer that learns is never skipped as idle
-            every = range(model.config.num_injection_layers)
-            model.mark_idle_injections(tuple(config.injection_layers or every))
         progress = progress and world.main
         if config.distractor_chunks:
             trainer.distractors = make_distractors(

@@ -131,7 +131,8 @@ def chunk_positions(n: int, entries: int, layout: str) -> tuple[np.ndarray, int]
 class ContextTree:
     """Compressed key/value states of a long context: one TreeCache per injection layer.
 
-    A layer whose injection is idle (all-zero output projection) holds no entries.
+    One layer per injection layer of the model (`config.injection_layers`, in order); a
+    tree saved before models declared them may hold empty layers, which loading drops.
 
     Each layer holds (1, kv_heads, n_chunks * entries_per_chunk, head_dim) keys and
     values, chunk-major, keys already rotated to their chunk position, stored as
@@ -295,7 +296,7 @@ class ContextTree:
 def join_chunks(pieces: Sequence[tuple[ContextTree, int]]) -> ContextTree:
     """A tree whose chunk p is chunk j of tree t, for pieces[p] = (t, j): entries as stored
     (keys stay rotated to chunk position j). The query goes after the last chunk; there is
-    no remainder. A layer empty in the first tree (an idle injection) stays empty."""
+    no remainder. A layer empty in the first tree (a legacy tree's) stays empty."""
     first = pieces[0][0]
     layers = [
         _chunk_entries(pieces, i) if layer.capacity else layer
@@ -392,7 +393,7 @@ def _check_names(arrays: dict[str, mx.array], layers: int, parts: int) -> None:
 
 
 def _check_shapes(shapes: list[tuple[int, ...]], entries: int) -> None:
-    """Every layer is (1, kv_heads, entries, head_dim), or empty (an idle layer), with the
+    """Every layer is (1, kv_heads, entries, head_dim), or empty (a legacy tree's), with the
     same kv_heads and head_dim."""
     for i, shape in enumerate(shapes):
         if len(shape) != 4 or any(type(x) is not int for x in shape):

@@ -175,9 +175,9 @@ def test_a_model_folder_planned_with_other_weight_bits(converted):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_idle_injection_layers_store_no_tree(tmp_path, dtype):
-    """A layer whose output projection is zero is idle: the plan counts no tree for it,
-    and compress allocates none."""
+def test_only_injection_layers_store_a_tree(tmp_path, dtype):
+    """Copying heads of layer 1 only gives layer 1 alone an injection block: the plan
+    counts one tree layer of the two the compressor runs, and compress stores one."""
     write_hf_llama(tmp_path / "hf")
     stack = ("--stack-from-one", "2", "--init", "copy", "--copy-heads", "1.2", "--dtype", dtype)
     assert run_cli("convert", str(tmp_path / "hf"), str(tmp_path / "m"), *stack).exit_code == 0
@@ -186,7 +186,8 @@ def test_idle_injection_layers_store_no_tree(tmp_path, dtype):
     model, _ = load(tmp_path / "m")
     context = mx.arange(model.config.chunk_len * 4) % 384
     tree = model.compress(context, mx.array([1, 2]))
-    assert [layer.capacity for layer in tree.layers] == [0, tree.num_entries]
+    assert model.config.injection_layers == (1,)
+    assert [layer.capacity for layer in tree.layers] == [tree.num_entries]
     four = plan_for_model_dir(tmp_path / "m", model.config.chunk_len * 4)
     assert four.tree_cache == tree.nbytes
     assert four.replan(compress_batch=1).tree_layers == 1

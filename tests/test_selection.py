@@ -10,6 +10,7 @@ import pytest
 from test_cache import stacked_head32_model
 from test_generate import book, invoke, loaded, spm_model  # noqa: F401  (fixtures)
 from test_long_trees import movable_model
+from test_train import facts_model
 
 from mlx_sharedllm.adapters import load_adapter, save_adapter
 from mlx_sharedllm.cache import TreeFormat
@@ -57,12 +58,9 @@ def test_keeping_every_chunk_changes_nothing():
 
 
 def test_selection_keeps_the_chunk_every_head_attends_to_most():
-    model = movable_model(1)
     # One injection layer, so its queries do not depend on the tree.
-    model.layers[1].cross_attn.o_proj.weight = mx.zeros_like(
-        model.layers[1].cross_attn.o_proj.weight
-    )
-    assert model.mark_idle_injections() == [1]
+    model = facts_model(1, tree_depth=1, last_p=0, injection_layers=(1,))
+    assert len(model.config.injection_layers) == 1
     tree = _tree(model, n=6, seed=3)
     scores = chunk_scores(model, tree, RUNNING)
     assert scores.shape == (6,) and np.all(scores > 0) and np.all(scores <= 1 + 1e-6)

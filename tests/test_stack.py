@@ -1,5 +1,6 @@
 """Stacking a plain LLaMA from one; Hub repos; the real SmolLM2 default."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -10,11 +11,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import assert_close, run_cli, write_hf_llama
+from mlx.utils import tree_flatten
 from mlx_lm.models.llama import Model, ModelArgs
 
 from mlx_sharedllm import load, load_context
 from mlx_sharedllm.assets import DEFAULT_GGUF, fetch
 from mlx_sharedllm.convert.gguf import read_gguf
+from mlx_sharedllm.model import SharedLLM
 
 
 def base_logits(config, weights, ids):
@@ -98,28 +101,30 @@ def test_copy_heads_copies_only_the_named_heads(hf_llama, tmp_path):
     assert mx.array_equal(q_proj, weights["model.layers.1.self_attn.q_proj.weight"])
 
 
-def test_zero_injection_layers_are_skipped_exactly(hf_llama, tmp_path):
+def test_named_heads_give_only_their_layers_an_injection(hf_llama, tmp_path):
+    """Heads of layer 1 only: layer 0 gets no injection block and stores no tree, and
+    the model computes what it did with layer 0's injection output all zeros."""
     src, _, _ = hf_llama
-    model, _ = load(convert_stacked(src, tmp_path / "out", 2, "copy", "--copy-heads", "1.2"))
-    assert [layer.cross_attn.idle for layer in model.layers[:2]] == [True, False]
+    out = convert_stacked(src, tmp_path / "out", 2, "copy", "--copy-heads", "1.2")
+    model, _ = load(out)
+    assert model.config.injection_layers == (1,)
+    assert not hasattr(model.layers[0], "cross_attn") and hasattr(model.layers[1], "cross_attn")
+    assert not any(".0.cross_attn." in k for k in mx.load(str(out / "model.safetensors")))
     rng = np.random.default_rng(2)
     prompt = mx.array([rng.integers(0, 384, 9).tolist()])
     context = mx.array(rng.integers(0, 384, 96))
     tree = model.compress(context, prompt[0])
-    skipped = model(prompt, tree=tree)
-    assert [layer.capacity for layer in tree.layers] == [0, tree.num_entries]
+    assert [layer.capacity for layer in tree.layers] == [tree.num_entries]
     path = tmp_path / "tree.safetensors"
     tree.save(path)
-    again = load_context(path, model)
-    assert [layer.shape for layer in again.layers] == [layer.shape for layer in tree.layers]
-    assert_close(model(prompt, tree=again), skipped, 1e-6, "saved tree with an idle layer")
-
-    assert model.mark_idle_injections(active=(0,)) == []
-    with pytest.raises(ValueError, match="compress the context again"):
-        model(prompt, tree=tree)
-    full = model.compress(context, prompt[0])
-    assert [layer.capacity for layer in full.layers] == [full.num_entries] * 2
-    assert_close(model(prompt, tree=full), skipped, 1e-6, "idle layer skipped vs run")
+    assert_close(model(prompt, tree=load_context(path, model)), model(prompt, tree=tree), 1e-6)
+    both = SharedLLM(dataclasses.replace(model.config, injection_layers=(0, 1)))
+    weights = dict(tree_flatten(model.parameters()))
+    for name, value in tree_flatten(both.layers[0].cross_attn.parameters()):
+        weights[f"model.layers.0.cross_attn.{name}"] = mx.zeros_like(value)
+    both.load_weights(list(weights.items()))
+    expected = both(prompt, tree=both.compress(context, prompt[0]))
+    assert_close(model(prompt, tree=tree), expected, 1e-5, "no block vs a zero block")
 
 
 @pytest.mark.parametrize(
