@@ -6,6 +6,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from mlx_lm.models.llama import ModelArgs as LlamaArgs
@@ -116,7 +117,7 @@ def _check_llama(settings: dict[str, Any], which: str) -> None:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class SharedLLMConfig:
     """Everything that defines a SharedLLM stack.
 
@@ -154,20 +155,23 @@ class SharedLLMConfig:
     quantization: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        self.upper = _llama_args(self.upper, "upper")
-        self.lower = None if self.lower is None else _llama_args(self.lower, "lower")
-        self.last_p = parse_last_p(self.last_p)
+        # Normalised once here; frozen afterwards (a change of setting is a new config).
+        fix = partial(object.__setattr__, self)
+        fix("upper", _llama_args(self.upper, "upper"))
+        fix("lower", None if self.lower is None else _llama_args(self.lower, "lower"))
+        fix("last_p", parse_last_p(self.last_p))
         m = self.num_injection_layers
         if self.injection_layers is None and is_int(m):
-            self.injection_layers = tuple(range(m))
+            fix("injection_layers", tuple(range(m)))
         elif self.injection_layers is not None:
-            self.injection_layers = _layer_list(self.injection_layers)
+            fix("injection_layers", _layer_list(self.injection_layers))
         self._validate()
         if self.lower is not None and self.lower.num_hidden_layers > self.num_injection_layers:
             # Nothing above layer M of the lower model ever runs.
-            self.lower = dataclasses.replace(
+            lower = dataclasses.replace(
                 self.lower, num_hidden_layers=self.num_injection_layers, layer_types=None
             )
+            fix("lower", lower)
 
     @property
     def stacked(self) -> bool:

@@ -183,17 +183,28 @@ class SharedLLM(nn.Module):
 
     def __init__(self, config: SharedLLMConfig):
         super().__init__()
+        self.model = UpperModel(config)
         self.config = config
         self.args = config.upper
         # Fingerprints this model's folder had before it was migrated (loading.py): trees
         # and adapters made then record them.
         self.aliases: tuple[str, ...] = ()
-        self.model = UpperModel(config)
         if not config.stacked:
             self.encoder = llama.LlamaModel(config.lower)
         if not config.upper.tie_word_embeddings:
             self.lm_head = nn.Linear(config.upper.hidden_size, config.upper.vocab_size, bias=False)
         self.chunk_rope = make_rope(config.upper)
+
+    @property
+    def config(self) -> SharedLLMConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: SharedLLMConfig) -> None:
+        """A new description (an adapter's settings, a test's): the upper model reads it
+        too. The description itself is frozen."""
+        self._config = config
+        self.model.config = config
 
     @property
     def layers(self) -> list[DecoderLayer]:

@@ -1,6 +1,7 @@
 """Long trees: distractor chunks (moved chunks equal compressed ones, padding, training
 with them) and the log-length attention scale."""
 
+import dataclasses
 import json
 
 import mlx.core as mx
@@ -180,9 +181,9 @@ def test_log_scale_sharpens_every_injection_by_the_trees_entries():
     inputs = mx.array([[1, 2, 3, 4]])
     tree = model.compress(context, mx.array([1]))
     plain = model(inputs, tree=tree)
-    model.config.log_scale_entries = 16
+    model.config = dataclasses.replace(model.config, log_scale_entries=16)
     sharpened = model(inputs, tree=tree)
-    model.config.log_scale_entries = 0
+    model.config = dataclasses.replace(model.config, log_scale_entries=0)
     for i in range(2):
         model.layers[i].cross_attn.scale *= log_scale(128, 16)  # 1.75
     by_hand = model(inputs, tree=tree)
@@ -190,7 +191,9 @@ def test_log_scale_sharpens_every_injection_by_the_trees_entries():
     assert mx.allclose(sharpened, by_hand, atol=1e-5)
     for i in range(2):
         model.layers[i].cross_attn.scale /= log_scale(128, 16)
-    model.config.log_scale_entries = 128  # no sharper on trees of at most 128 entries
+    model.config = dataclasses.replace(
+        model.config, log_scale_entries=128
+    )  # no sharper on trees of at most 128 entries
     assert mx.allclose(model(inputs, tree=tree), plain, atol=1e-6)
 
 

@@ -209,7 +209,7 @@ def test_the_config_checks_the_budget_and_adapters_carry_it(tmp_path):
             SharedLLMConfig.from_dict({**base, "reread_tokens": bad})
     model = movable_model()
     before = model.fingerprint()
-    model.config.reread_tokens = 512
+    model.config = dataclasses.replace(model.config, reread_tokens=512)
     assert model.fingerprint() == before  # an inference setting, not the weights
     model.freeze()
     model.layers[0].cross_attn.unfreeze()

@@ -108,11 +108,11 @@ def test_generate_answers_from_the_selected_chunks(loaded, book):  # noqa: F811
         r.text for r in picked
     )
     # The model's own setting is the default.
-    model.config.select_chunks = 2
+    model.config = dataclasses.replace(model.config, select_chunks=2)
     try:
         default = list(stream_generate(model, tokenizer, "Who?", text, max_tokens=4))
     finally:
-        model.config.select_chunks = 0
+        model.config = dataclasses.replace(model.config, select_chunks=0)
     assert default[-1].chunks_read == 2
 
 
@@ -128,7 +128,7 @@ def test_cli_select_chunks(spm_model, book):  # noqa: F811
 def test_adapters_carry_the_selection_and_the_config_checks_it(tmp_path):
     model = movable_model()
     before = model.fingerprint()
-    model.config.select_chunks = 8
+    model.config = dataclasses.replace(model.config, select_chunks=8)
     assert model.fingerprint() == before  # not a property of the weights
     model.freeze()
     model.layers[0].cross_attn.unfreeze()

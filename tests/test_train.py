@@ -5,6 +5,7 @@ passkey tests) holding four facts "value key", one per 32-token region; the runn
 asks "Q key" and the answer is the value, which appears only in the compressed context.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from conftest import SPM_TOKENIZER, run_cli, write_hf_llama
 from mlx.utils import tree_flatten
 
 from mlx_sharedllm import SharedLLM, SharedLLMConfig, load, train_data
-from mlx_sharedllm.adapters import fuse, load_adapter, read_adapter
+from mlx_sharedllm.adapters import fuse, load_adapter, read_adapter, save_adapter, set_trainable
 from mlx_sharedllm.cli.train_cli import fuse_command, train_command
 from mlx_sharedllm.generate import generate
 from mlx_sharedllm.losses import example_loss
@@ -263,7 +264,7 @@ def test_noisy_trees_are_regular_and_cover_their_chunk():
         for start, length in zip(plan.start[j], plan.lengths):
             covered[start : start + length] += 1
         assert covered.max() == 1 and covered.sum() == 63  # the odd last node drops one
-    model.config.tree_depth = 3
+    model.config = dataclasses.replace(model.config, tree_depth=3)
     context, query = mx.array(facts_context(np.random.default_rng(0))[0]), mx.array([Q, 1])
     tree = model.compress(context, query, splits=sizes)
     assert tree.entries_per_chunk == sum(len(downsample_index(n, 4)) for n in plan.lengths)
@@ -670,3 +671,18 @@ def test_attention_heads_must_be_training_heads(zero_model, tmp_path):
     assert result.exit_code == 1 and "attention heads ['0.1'] are not heads of" in result.output
     result = CliRunner().invoke(train_command, [*args, "--attention-heads", "1-2"])
     assert result.exit_code == 2 and "heads must look like '17.3,18.6'" in result.output
+
+
+def test_the_description_is_frozen_and_shared_with_the_upper_model(tmp_path):
+    """A loaded model's config cannot change in place; an adapter's settings make a new
+    one, which the upper model (that applies the log scale) reads too."""
+    model = facts_model()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        model.config.chunk_len = 64
+    set_trainable(model, ("injection",))
+    model.config = dataclasses.replace(model.config, log_scale_entries=16)
+    save_adapter(tmp_path / "a", model, model.fingerprint())
+    fresh = facts_model()
+    load_adapter(fresh, tmp_path / "a", check_fingerprint=False)
+    assert fresh.config.log_scale_entries == fresh.model.config.log_scale_entries == 16
+    assert fresh.config.injection == "trained"

@@ -1,5 +1,7 @@
 """The context tree on the paper layout, and the planning rules of SPEC section 3."""
 
+import dataclasses
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -149,7 +151,7 @@ def test_batching_does_not_change_the_tree():
     trees = []
     for batch in (1, 3, 16):
         model = tiny_model()
-        model.config.compress_batch = batch
+        model.config = dataclasses.replace(model.config, compress_batch=batch)
         trees.append(model.compress(context, query))
     for t in trees[1:]:
         for a, b in zip(trees[0].keys + trees[0].values, t.keys + t.values):
