@@ -88,10 +88,10 @@ def keep_heads(model: SharedLLM, heads: Iterable[tuple[int, int]], m: int) -> Sh
     stack = StackOptions(m, "copy", tuple(heads))
     n_heads = model.args.num_attention_heads
     weights = dict(tree_flatten(model.parameters()))
-    for i in injection_layers(stack):
+    layers = injection_layers(stack)
+    for i in layers:
         name = f"model.layers.{i}.cross_attn.o_proj.weight"
         weights[name] = weights[name] * _head_mask(stack, i, weights[name], n_heads)
-    layers = injection_layers(stack)
     config = dataclasses.replace(
         model.config, injection_layers=layers, num_injection_layers=layers[-1] + 1
     )

@@ -96,15 +96,27 @@ def tokenize_pieces(
 ) -> np.ndarray:
     """Token ids (no special tokens) of a text given in pieces, so a huge file never
     has to be held as one string; `piece_done(characters, tokens)` after each piece."""
-    ids, done = [], 0
+    callbacks = [c for c in (_tokenize_progress(progress), piece_done) if c]
+    ids = []
     for piece in pieces:
         ids.append(np.asarray(tokenizer.encode(piece, add_special_tokens=False), np.int32))
-        done += len(piece)
-        if progress:
-            progress("tokenize", done, 0)
-        if piece_done:
-            piece_done(len(piece), len(ids[-1]))
+        for callback in callbacks:
+            callback(len(piece), len(ids[-1]))
     return np.concatenate(ids) if ids else np.zeros(0, np.int32)
+
+
+def _tokenize_progress(progress: Progress | None) -> Callable[[int, int], None] | None:
+    """A piece_done callback that reports characters tokenized so far as `progress` does."""
+    if progress is None:
+        return None
+    done = 0
+
+    def piece_done(chars: int, tokens: int) -> None:
+        nonlocal done
+        done += chars
+        progress("tokenize", done, 0)
+
+    return piece_done
 
 
 def encode_prompt(
@@ -226,7 +238,9 @@ def stream_generate(
         raise ValueError(f"head_dim {head_dim} is not a multiple of kv_group_size {kv_group_size}")
     read: list[Passage] = []
     if sources and isinstance(context, str):
-        context, text_offsets = tokenize_with_offsets(tokenizer, text_pieces(io.StringIO(context)))
+        context, text_offsets = tokenize_with_offsets(
+            tokenizer, text_pieces(io.StringIO(context)), _tokenize_progress(progress)
+        )
     prepared = prepare_context(model, tokenizer, context, prompt_ids, progress, tree_format)
     keep = model.config.select_chunks if select_chunks is None else select_chunks
     tree, running = prepared.tree, prepared.running

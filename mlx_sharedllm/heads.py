@@ -24,6 +24,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.base import create_attention_mask
 
+from .generate import encode_prompt
+
 # Plain prose with no digits of its own, shuffled into haystacks (written for this probe).
 FILLER = (
     "The road to the village followed the river for most of the morning.",
@@ -119,8 +121,6 @@ def haystack(tokenizer, length: int, rng: np.random.Generator) -> list[np.ndarra
 def make_probe(tokenizer, length: int, depth: float, rng: np.random.Generator) -> Probe:
     """A haystack of about `length` tokens with one number planted at `depth` (0-1), its
     question, and the number as the teacher-forced answer."""
-    from .generate import encode_prompt
-
     key = f"{rng.choice(COLOURS)} {rng.choice(THINGS)}"
     value = str(int(rng.integers(1_000_000, 9_999_999)))
 
