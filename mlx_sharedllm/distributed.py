@@ -164,7 +164,9 @@ class World:
     @contextmanager
     def watch(self) -> Iterator[World]:
         """While inside: a collective that waits over `timeout` ends this process, and
-        SIGTERM (mlx.launch stopping the run) raises PeerLost."""
+        SIGTERM (mlx.launch stopping the run) raises PeerLost. Left by an error, SIGTERM
+        stays ignored: the launcher stops every process as soon as one fails, and the
+        error must still be reported (the launcher waits for the process to end)."""
         if self.size == 1:
             yield self
             return
@@ -175,12 +177,17 @@ class World:
             previous = signal.signal(signal.SIGTERM, self._terminated)
         try:
             yield self
+        except BaseException:
+            if previous is not None:
+                previous = signal.SIG_IGN
+            raise
         finally:
             self._watching = False
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
 
     def _terminated(self, signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one PeerLost, not one per signal
         raise PeerLost(f"rank {self.rank}: stopped by the launcher: another process failed")
 
     def _watchdog(self) -> None:

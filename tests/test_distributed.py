@@ -178,3 +178,44 @@ def test_a_process_that_stops_answering_ends_the_run_after_the_timeout(setup):
     assert result.returncode == 1 and elapsed < 30
     assert "rank 0: no answer from the other processes for 2s" in result.stderr
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+
+
+class _TwoProcesses:
+    """A stand-in group: rank 0 of 2, for World's local logic (no collectives run)."""
+
+    def rank(self) -> int:
+        return 0
+
+    def size(self) -> int:
+        return 2
+
+
+def test_the_launchers_sigterm_after_an_error_lets_the_error_be_reported():
+    """mlx.launch sends SIGTERM to every process once one fails; a process already
+    leaving with PeerLost must live to print it (CI once lost the message to this race)."""
+    import signal
+
+    from mlx_sharedllm.distributed import PeerLost, World
+
+    world = World(_TwoProcesses(), timeout=60)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        stopped = pytest.raises(PeerLost, match="rank 0: stopped by the launcher")
+        with stopped, world.watch():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler raises at the next bytecode
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGTERM)  # ignored: this test goes on
+        with pytest.raises(PeerLost), world.watch():
+            raise PeerLost("rank 0: another process stopped")
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        with world.watch():
+            pass
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # what it found
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with world.watch():
+        assert signal.getsignal(signal.SIGTERM) == world._terminated
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    signal.signal(signal.SIGTERM, before)
