@@ -308,8 +308,9 @@ def reread_passages(
 ) -> tuple[list[Passage], np.ndarray]:
     """The passages of the context (the tree's tokens, then the remainder) that the
     question points at, and the running text that reads them: in the user's message ahead
-    of the question, each passage cut down to its sentences that hold the question's
-    rare words (a prompt given as token ids gets whole passages ahead of it, untemplated).
+    of the question, the passages cut down to their sentences that hold the most of
+    the question's rare words (a prompt given as token ids gets whole passages ahead of
+    it, untemplated).
 
     `running` is the text the model reads before answering (the tree's remainder, then
     the encoded prompt), whose last token asks the heads where to look.
@@ -329,7 +330,7 @@ def reread_passages(
         return passages, np.concatenate([*parts, question]).astype(np.int32)
     words = rare_words(prompt, tokenizer.decode(context.tolist()))
     text = REREAD_SEPARATOR.join(
-        focus(tokenizer.decode(piece.tolist()).strip(), words) for piece in pieces
+        focus([tokenizer.decode(piece.tolist()).strip() for piece in pieces], words)
     )
     message = REREAD_MESSAGE.format(passages=text, prompt=prompt)
     return passages, encode_prompt(tokenizer, message, chat_template)

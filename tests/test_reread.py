@@ -147,16 +147,26 @@ def test_rare_words_are_the_questions_words_the_context_seldom_uses():
     assert rare_words("Ça va, Zoë?", "zoë est là.") == {"zoë"}
 
 
-def test_focus_keeps_the_sentences_with_rare_words_or_the_whole_passage():
+def test_focus_keeps_the_sentences_with_the_most_rare_words_or_the_whole_passages():
     passage = (
         "It rained all week. The Marchetti aviary is listed under folio 654! Nobody came.\n\n"
         "Dinner was at 8; the soup was cold. Was Marchetti there? No."
     )
-    assert focus(passage, {"marchetti"}) == (
+    decoy = "The Fonseca aviary is listed under folio 17. The Marchetti aviary? Gone."
+    assert focus([passage], {"marchetti"}) == [
         "The Marchetti aviary is listed under folio 654! Was Marchetti there?"
-    )
-    assert focus(passage, {"zeppelin"}) == passage
-    assert focus(passage, set()) == passage
+    ]
+    # The asked-for fact holds the key and the attribute; the decoys hold less of them,
+    # and a passage left with no such sentence is dropped.
+    words = {"marchetti", "aviary", "folio"}
+    assert focus([decoy, passage], words) == ["The Marchetti aviary is listed under folio 654!"]
+    assert focus([decoy, passage], {"aviary"}) == [
+        "The Fonseca aviary is listed under folio 17. The Marchetti aviary?",
+        "The Marchetti aviary is listed under folio 654!",
+    ]
+    assert focus([decoy, passage], {"zeppelin"}) == [decoy, passage]
+    assert focus([passage], set()) == [passage]
+    assert focus([], {"marchetti"}) == []
 
 
 def test_generate_reads_the_passages_in_the_users_message(loaded, book):  # noqa: F811
@@ -177,9 +187,9 @@ def test_generate_reads_the_passages_in_the_users_message(loaded, book):  # noqa
     assert tuple(passages) == last.passages
     context = np.concatenate([np.array(tree.tokens).reshape(-1), np.array(tree.remainder)])
     words = rare_words(prompt, tokenizer.decode(context.tolist()))
-    pieces = [
-        focus(tokenizer.decode(context[p.start : p.end].tolist()).strip(), words) for p in passages
-    ]
+    pieces = focus(
+        [tokenizer.decode(context[p.start : p.end].tolist()).strip() for p in passages], words
+    )
     message = REREAD_MESSAGE.format(passages=REREAD_SEPARATOR.join(pieces), prompt=prompt)
     expected = encode_prompt(tokenizer, message)
     assert np.array_equal(window, expected)
