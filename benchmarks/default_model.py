@@ -160,7 +160,7 @@ def decode_bytes(model: SharedLLM, record: dict, decode_tokens: int) -> dict[str
     args, lower = model.args, model.config.lower or model.config.upper
     itemsize = 4 if model.compute_dtype == "float32" else 2
     kv_entry = lower.num_key_value_heads * head_dim(lower) * itemsize
-    reads_tree = not model.config.reread_tokens
+    reads_tree = not model.settings.reread_tokens
     tree = reads_tree * len(model.config.injection_layers) * 2 * record["tree_entries"] * kv_entry
     kv_len = record["running_tokens"] + decode_tokens / 2
     kv_cache = args.num_hidden_layers * 2 * kv_len * kv_entry

@@ -30,6 +30,7 @@ from mlx.utils import tree_flatten
 from mlx_sharedllm import SharedLLM, SharedLLMConfig
 from mlx_sharedllm.adapters import set_trainable
 from mlx_sharedllm.distributed import launched
+from mlx_sharedllm.settings import Settings
 from mlx_sharedllm.train import TrainConfig, train
 from mlx_sharedllm.train_data import Example
 
@@ -61,11 +62,9 @@ class Random:
 
 
 def model() -> SharedLLM:
-    config = SharedLLMConfig(
-        upper=LLAMA, lower=None, num_injection_layers=4, tree_depth=2, last_p=32, chunk_len=CHUNK
-    )
+    config = SharedLLMConfig(upper=LLAMA, lower=None, num_injection_layers=4, chunk_len=CHUNK)
     mx.random.seed(0)
-    shared = SharedLLM(config)
+    shared = SharedLLM(config, Settings(tree_depth=2, keep_tokens=32))
     mx.eval(shared.parameters())
     return shared
 

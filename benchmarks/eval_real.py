@@ -201,7 +201,8 @@ def run_sharedllm(model, tokenizer, haystack, needles: list[Needle]) -> list[boo
             tree = spliced(model, base, needle, chunk_len)
         else:
             tree = model.compress(mx.array(needle.context), mx.array(needle.prompt))
-        tree = keep_attended_chunks(model, tree, needle.prompt, model.config.select_chunks)
+        keep = model.settings.chunks_per_question
+        tree = keep_attended_chunks(model, tree, needle.prompt, keep)
         text = answer(model, tokenizer, tree, needle.prompt, model.make_cache())
         results.append(is_correct(text, needle.answer))
     return results
@@ -404,10 +405,10 @@ def evaluate(a: argparse.Namespace) -> tuple[list[NeedleRow], list[PplRow]]:
 
     model, tokenizer = load(a.model or default_model())
     held = np.asarray(tokenizer.encode(botchan_split()[1], add_special_tokens=False), np.int32)
-    c = model.config
+    s = model.settings
     print(
-        f"held-out Botchan: {len(held):,} tokens; model {c.tree_dict()}, log_scale_entries "
-        f"{c.log_scale_entries}, select_chunks {c.select_chunks}",
+        f"held-out Botchan: {len(held):,} tokens; model {model.tree_dict()}, log_scale_entries "
+        f"{s.log_scale_entries}, select_chunks {s.chunks_per_question}",
         flush=True,
     )
     if movable_chunks(model) and "sharedllm" in a.systems:

@@ -38,6 +38,7 @@ from mlx_lm.models.llama import Model, ModelArgs
 
 from mlx_sharedllm import SharedLLM, SharedLLMConfig
 from mlx_sharedllm.generate import WithTree
+from mlx_sharedllm.settings import Settings
 from mlx_sharedllm.tree import ContextTree, plan_segments
 
 PROMPT_TOKENS = 64
@@ -115,10 +116,9 @@ def build_models(a: argparse.Namespace) -> tuple[SharedLLM, Model]:
         num_injection_layers=a.m,
         chunk_len=a.chunk_len,
         layout="paper",
-        compress_batch=a.compress_batch,
         injection="copy",
     )
-    ours = SharedLLM(cfg)
+    ours = SharedLLM(cfg, Settings(compress_batch=a.compress_batch))
     weights = dict(tree_flatten(base.parameters()))
     for i in range(a.m):
         attn = f"model.layers.{i}.self_attn"
@@ -220,11 +220,11 @@ def compress_flops(a: argparse.Namespace, ours: SharedLLM, chunks: int) -> float
     segment, attention over the causal half (MLX's kernel also scores the masked half;
     that work is not counted).
     """
-    cfg = ours.config
-    plan = plan_segments(1, cfg.chunk_len, cfg.tree_depth, "paper", lambda n, h: np.ones(1, int))
-    halves = [cfg.chunk_len >> (d + 1) for d in range(cfg.tree_depth - 1)]
+    cfg, depth = ours.config, ours.settings.tree_depth
+    plan = plan_segments(1, cfg.chunk_len, depth, "paper", lambda n, h: np.ones(1, int))
+    halves = [cfg.chunk_len >> (d + 1) for d in range(depth - 1)]
     select = sum(2 * layer_flops(a, half, 1, half) for half in halves)
-    if cfg.policy != "query":
+    if ours.settings.policy != "query":
         select = 0
     encode = sum(
         cfg.num_injection_layers * layer_flops(a, n, n, n * (n + 1) // 2) for n in plan.lengths

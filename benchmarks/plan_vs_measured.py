@@ -21,6 +21,7 @@ With --json, lengths already in the file (same settings) are not run again.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import sys
@@ -35,8 +36,10 @@ from mlx_lm.utils import load_tokenizer
 
 import mlx_sharedllm  # noqa: F401, I001  (OpenBLAS before mlx, on Linux)
 from mlx_sharedllm import SharedLLM, SharedLLMConfig
+from mlx_sharedllm.cache import TreeFormat
 from mlx_sharedllm.generate import stream_generate
 from mlx_sharedllm.plan import MemoryPlan, PlanSettings, make_plan, weight_bytes
+from mlx_sharedllm.settings import Settings
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "spm_tokenizer"
 LENGTHS = (8192, 16384, 32768, 65536, 131072)
@@ -53,7 +56,8 @@ SHAPE = dict(
     max_position_embeddings=4096,
     tie_word_embeddings=False,
 )
-TREE = dict(num_injection_layers=4, chunk_len=1024, tree_depth=3, last_p=32, compress_batch=2)
+TREE = dict(num_injection_layers=4, chunk_len=1024)
+SETTINGS = Settings(tree_depth=3, keep_tokens=32, compress_batch=2)
 TOLERANCE = 0.15
 
 
@@ -85,7 +89,7 @@ def bench_config() -> SharedLLMConfig:
 
 def bench_model(seed: int = 0) -> SharedLLM:
     mx.random.seed(seed)
-    model = SharedLLM(bench_config())
+    model = SharedLLM(bench_config(), SETTINGS)
     mx.eval(model.parameters())
     return model
 
@@ -97,7 +101,8 @@ def plan_run(
     settings = PlanSettings(
         context_tokens, "float32", tree_bits, kv_bits=kv_bits, running_tokens=running_tokens
     )
-    return make_plan(config, settings, weight_bytes(config, None, "float32"), "bench")
+    weights = weight_bytes(config, None, "float32")
+    return make_plan(config, SETTINGS, settings, weights, "bench")
 
 
 def measure(
@@ -129,7 +134,7 @@ def measure(
         prompt,
         context,
         max_tokens=max_tokens,
-        tree_bits=tree_bits,
+        settings=dataclasses.replace(SETTINGS, tree_format=TreeFormat("float32", tree_bits)),
         kv_bits=kv_bits,
     )
     for _ in responses:

@@ -29,6 +29,7 @@ tokens alone; other models compress every haystack whole).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -154,7 +155,7 @@ class Systems:
 
     def __init__(self, model, tokenizer, reread_tokens: int | None):
         self.model, self.tokenizer = model, tokenizer
-        self.reread = model.config.reread_tokens if reread_tokens is None else reread_tokens
+        self.reread = model.settings.reread_tokens if reread_tokens is None else reread_tokens
         self.window = model.args.max_position_embeddings
 
     def sharedllm(self, tree, ids, prompt: str, chunks) -> tuple[str, list]:
@@ -162,7 +163,7 @@ class Systems:
         responses = list(
             stream_generate(
                 self.model, self.tokenizer, prompt, context=tree, max_tokens=MAX_TOKENS,
-                reread_tokens=self.reread,
+                settings=self._settings(self.reread),
             )
         )  # fmt: skip
         return "".join(r.text for r in responses), list(responses[-1].passages)
@@ -170,8 +171,12 @@ class Systems:
     def tree(self, tree, ids, prompt: str, chunks) -> str:
         return generate(
             self.model, self.tokenizer, prompt, context=tree, max_tokens=MAX_TOKENS,
-            reread_tokens=0,
+            settings=self._settings(0),
         )  # fmt: skip
+
+    def _settings(self, reread_tokens: int):
+        """The model's settings, re-reading up to `reread_tokens` tokens."""
+        return dataclasses.replace(self.model.settings, reread_tokens=reread_tokens)
 
     def reread_tree(self, tree, ids, prompt: str, chunks) -> str:
         p = encode_prompt(self.tokenizer, prompt)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import sys
@@ -14,10 +15,12 @@ import click
 import numpy as np
 from tqdm import tqdm
 
+from ..cache import TreeFormat
 from ..generate import stream_generate
 from ..loading import load
 from ..plan import plan_for_model_dir, wired_limit
 from ..plan_render import check_fits
+from ..settings import Settings
 from .inputs import InputError, TextSource
 
 # Saved trees are 8-bit unless asked otherwise: about a third of float32's size, and on
@@ -164,17 +167,31 @@ def _memory_plan(path: Path, source: TextSource | None, prompt: str, options: di
     return plan
 
 
-def _saved_context(path: Path, model, ids=None):
-    """A saved tree, checked against the model; on a CPU, in the model's float dtype:
-    quantized matmuls are slow there (answering about Botchan from its 8-bit tree took
-    116 s, against seconds from float), and only the file needs to be small."""
+def run_settings(model, options: dict[str, Any], tree_choice: str | None, group: int) -> Settings:
+    """The model's settings with the flags given (taken out of `options`): the tree
+    format in memory (--tree-bits: `tree_choice`, with `group`), the chunks a question
+    reads (--select-chunks) and the tokens re-read (--reread-tokens)."""
+    bits = options.pop("tree_bits", None)
+    given = {
+        "chunks_per_question": options.pop("select_chunks", None),
+        "reread_tokens": options.pop("reread_tokens", None),
+    }
+    changes = {name: value for name, value in given.items() if value is not None}
+    if tree_choice is not None:
+        changes["tree_format"] = TreeFormat(model.compute_dtype, bits, group)
+    return dataclasses.replace(model.settings, **changes)
+
+
+def _saved_context(path: Path, model, settings: Settings, ids=None):
+    """A saved tree, checked against the model and settings; on a CPU, in the model's
+    float dtype: quantized matmuls are slow there (answering about Botchan from its 8-bit
+    tree took 116 s, against seconds from float), and only the file needs to be small."""
     import mlx.core as mx
 
-    from ..cache import TreeFormat
     from ..loading import load_context
 
     try:
-        tree = load_context(path, model, context=ids)
+        tree = load_context(path, model, context=ids, settings=settings)
     except ValueError as e:
         raise InputError(str(e)) from None
     if mx.default_device() == mx.cpu and tree.layers and tree.layers[0].fmt.bits is not None:
@@ -212,7 +229,6 @@ def compress_and_save(
     the text's first token); the tree and the tokens/s it was compressed at."""
     import mlx.core as mx
 
-    from ..cache import TreeFormat
     from ..generate import encode_prompt
 
     if len(ids) < model.config.chunk_len:
@@ -223,11 +239,14 @@ def compress_and_save(
     query = encode_prompt(tokenizer, prompt, chat_template) if prompt else ids[:1]
     bar = _CompressBar(model.config.chunk_len)
     tic = time.perf_counter()
+    stored = dataclasses.replace(
+        model.settings, tree_format=TreeFormat(model.compute_dtype, bits, group)
+    )
     tree = model.compress(
         mx.array(ids),
         mx.array(query),
         lambda done, total: bar("compress", done, total),
-        TreeFormat(model.compute_dtype, bits, group),
+        settings=stored,
     )
     seconds = time.perf_counter() - tic
     try:
@@ -242,7 +261,7 @@ def compress_and_save(
     return tree, tree.n_chunks * tree.chunk_len / max(seconds, 1e-9)
 
 
-def _stream(model, tokenizer, prompt, ids, chat_template, options):
+def _stream(model, tokenizer, prompt, ids, chat_template, settings, options):
     """Stream the answer to stdout; the last response (with the stats), if any."""
     response = None
     for response in stream_generate(
@@ -252,6 +271,7 @@ def _stream(model, tokenizer, prompt, ids, chat_template, options):
         ids,
         chat_template=chat_template,
         progress=_CompressBar(model.config.chunk_len),
+        settings=settings,
         **options,
     ):
         sys.stdout.write(response.text)
@@ -280,12 +300,12 @@ def run_generate(
         _load_adapter(model, adapter)
     if verbose:
         click.echo(f"model: {path} (fingerprint {model.fingerprint()})", err=True)
-    reread = options.get("reread_tokens")
-    reread = model.config.reread_tokens if reread is None else reread
-    if model.config.injection != "trained" and not reread:
+    group = options.pop("tree_group_size", None) or 64
+    settings = run_settings(model, options, save_tree_bits, group)
+    if model.injection != "trained" and not settings.reread_tokens:
         click.echo(
             f"note: this model's context injection is untrained "
-            f"(init '{model.config.injection}'); answers cannot draw on the compressed "
+            f"(init '{model.injection}'); answers cannot draw on the compressed "
             "context yet (--reread-tokens reads passages of it again in full)",
             err=True,
         )
@@ -299,9 +319,9 @@ def run_generate(
         click.echo(f"context: {len(ids):,} tokens, chunks of {model.config.chunk_len}", err=True)
     origin = None
     if context_path is not None:
-        ids, origin = _saved_context(context_path, model, ids), f"loaded from {context_path}"
+        origin = f"loaded from {context_path}"
+        ids = _saved_context(context_path, model, settings, ids)
     elif save_context is not None:
-        group = options.get("tree_group_size") or 64
         bits = save_bits(model, save_tree_bits, group)
         ids, tps = compress_and_save(
             model, tokenizer, ids, prompt, chat_template, bits, group, save_context
@@ -311,7 +331,7 @@ def run_generate(
         origin = "none given"
     try:
         with wired_limit(plan) if plan else contextlib.nullcontext():
-            response = _stream(model, tokenizer, prompt, ids, chat_template, options)
+            response = _stream(model, tokenizer, prompt, ids, chat_template, settings, options)
     except ValueError as e:
         raise InputError(str(e)) from None
     sys.stdout.write("\n")

@@ -10,13 +10,13 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from ..config import POLICIES, parse_last_p
 from ..convert.checkpoint import convert
 from ..convert.stack import INITS, StackOptions, parse_copy_heads
 from ..convert.tables import ConversionError
 from ..convert.torch_bin import CheckpointError
 from ..io import FLOAT_DTYPES
 from ..plan import MAX_TOKENS
+from ..settings import POLICIES, parse_last_p
 from . import EXIT_INTERRUPTED
 from .inputs import FiniteRange, InputError, read_prompt, read_text_file
 from .plan_cli import plan_command

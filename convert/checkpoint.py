@@ -7,7 +7,6 @@ path or a Hugging Face Hub repo id.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import sys
 import tempfile
@@ -21,10 +20,11 @@ from mlx_lm.utils import quantize_model
 from tqdm import tqdm
 
 from ..io import FLOAT_DTYPES, copy_side_files, save_model_folder, write_atomically
-from ..model import SharedLLM
+from ..model import SharedLLM, config_json
+from ..settings import read_config
 from .files import read_json, read_weight_map
 from .gguf import read_gguf, save_gguf_tokenizer
-from .released import config_from_released, weight_table
+from .released import config_from_released, settings_from_released, weight_table
 from .safetensors_reader import load_safetensors
 from .stack import StackOptions, keep_heads, stack_from_one
 from .tables import ConversionError, check_weights
@@ -106,7 +106,7 @@ def _released_model(src: Path, hf: dict, dtype: mx.Dtype | None, progress: bool)
     # closed on an error, so the progress bar ends its line before the error is printed
     with closing(read_weights(src, progress)) as items:
         weights = check_weights(items, kept, dropped, src, dtype)
-    model = SharedLLM(cfg)
+    model = SharedLLM(cfg, settings_from_released(hf))
     model.load_weights(list(weights.items()))
     return model
 
@@ -152,10 +152,10 @@ def convert(
 ) -> Path:
     """Convert `src` into an MLX SharedLLM folder `out`.
 
-    `stack` stacks a plain LLaMA from one; `tree` overrides tree settings (chunk_len,
-    tree_depth, last_p, policy). The output is written to a temporary folder next to
-    `out` and renamed into place, so a failed or interrupted conversion leaves nothing
-    behind.
+    `stack` stacks a plain LLaMA from one; `tree` overrides the tree keys of config.json
+    (chunk_len, tree_depth, last_p, policy: the CLI's flags). The output is written to a
+    temporary folder next to `out` and renamed into place, so a failed or interrupted
+    conversion leaves nothing behind.
     """
     out = Path(out)
     if out.exists() and not force:
@@ -166,8 +166,7 @@ def convert(
     model = build_model(src, FLOAT_DTYPES.get(dtype), stack, progress)
     if stack is not None and stack.auto_heads is not None:
         model = copy_retrieval_heads(src, model, stack, progress)
-    model.config = dataclasses.replace(model.config, **(tree or {}))
-    config = model.config.to_dict()
+    config = config_json(*read_config({**model.config_dict(), **(tree or {})}))
     if quantize:
         model, config = quantize_model(model, config, q_group_size, q_bits)
     mx.eval(model.parameters())

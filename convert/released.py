@@ -6,7 +6,8 @@ from typing import Any
 
 from mlx_lm.models.llama import ModelArgs as LlamaArgs
 
-from ..config import SharedLLMConfig, head_dim, parse_last_p
+from ..config import SharedLLMConfig, head_dim
+from ..settings import Settings
 from .tables import ConversionError, Shape, injection_table, layer_table, model_table
 
 
@@ -23,11 +24,20 @@ def config_from_released(hf: dict[str, Any], chunk_len: int = 1024) -> SharedLLM
         upper=LlamaArgs.from_dict({**hf, "model_type": "llama"}),
         lower=LlamaArgs.from_dict({**lower, "model_type": "llama"}),
         num_injection_layers=-m,
-        tree_depth=int(hf.get("segment_tree_depth", 3)),
-        last_p=parse_last_p(hf.get("last_p", 32)),
         chunk_len=chunk_len,
-        policy="query" if hf.get("do_retrieval", True) else "right",
         layout="reference",
+    )
+
+
+def settings_from_released(hf: dict[str, Any]) -> Settings:
+    """The tree settings a checkpoint of the released code was trained with (SPEC
+    section 6)."""
+    return Settings.from_dict(
+        {
+            "tree_depth": int(hf.get("segment_tree_depth", 3)),
+            "last_p": hf.get("last_p", 32),
+            "policy": "query" if hf.get("do_retrieval", True) else "right",
+        }
     )
 
 

@@ -95,7 +95,7 @@ def keep_heads(model: SharedLLM, heads: Iterable[tuple[int, int]], m: int) -> Sh
     config = dataclasses.replace(
         model.config, injection_layers=layers, num_injection_layers=layers[-1] + 1
     )
-    kept = SharedLLM(config)
+    kept = SharedLLM(config, model.settings)
     kept.load_weights(list(kept.sanitize(weights).items()))
     return kept
 

@@ -13,6 +13,7 @@ _LAZY = {
     "ContextTree": ".tree",
     "SharedLLM": ".model",
     "SharedLLMConfig": ".config",
+    "Settings": ".settings",
     "load": ".loading",
     "load_context": ".loading",
 }

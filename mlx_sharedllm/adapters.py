@@ -7,7 +7,6 @@ trained from, so an adapter is never applied to another model).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -17,21 +16,15 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .cache import FLOAT_DTYPES, all_finite
-from .config import check_log_scale, check_reread_tokens, check_select_chunks
 from .io import copy_side_files, save_model_folder, write_atomically
 from .model import SharedLLM
+from .settings import IN_ADAPTERS, Settings, keys
 
 ADAPTER_FORMAT = "mlx-sharedllm-adapter/1"
 ADAPTER_WEIGHTS, ADAPTER_JSON = "adapter.safetensors", "adapter.json"
 ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_JSON)
 # What can train: the injection blocks, the upper model's top N-M layers, the output head.
 GROUPS = ("injection", "upper", "head")
-# The inference settings an adapter carries into the model's config, and their checks.
-SETTINGS = {
-    "log_scale_entries": check_log_scale,
-    "select_chunks": check_select_chunks,
-    "reread_tokens": check_reread_tokens,
-}
 
 
 def trainable_modules(
@@ -97,7 +90,8 @@ def trainable_names(model: SharedLLM) -> set[str]:
 def save_adapter(
     folder: str | Path, model: SharedLLM, base_fingerprint: str, extra: dict | None = None
 ) -> None:
-    """Write the model's trainable parameters as an adapter into `folder`."""
+    """Write the model's trainable parameters as an adapter into `folder`, with the tree
+    they were trained on and the settings they carry (settings.IN_ADAPTERS)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.trainable_parameters()))
@@ -106,10 +100,8 @@ def save_adapter(
         "format": ADAPTER_FORMAT,
         "base_fingerprint": base_fingerprint,
         "parameters": {name: list(w.shape) for name, w in sorted(weights.items())},
-        "tree": model.config.tree_dict(),
-        "log_scale_entries": model.config.log_scale_entries,
-        "select_chunks": model.config.select_chunks,
-        "reread_tokens": model.config.reread_tokens,
+        "tree": model.tree_dict(),
+        **model.settings.to_dict(IN_ADAPTERS),
         **(extra or {}),
     }
     (folder / ADAPTER_JSON).write_text(json.dumps(meta, indent=1) + "\n")
@@ -131,8 +123,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, mx.array]]
         raise ValueError(f"{path} is not an adapter (format {meta.get('format')!r})")
     try:
         _check_listed(meta.get("parameters"), weights)
-        for name, check in SETTINGS.items():
-            check(meta.get(name, 0))
+        Settings.from_dict({key: meta[key] for key in keys(IN_ADAPTERS) if key in meta})
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     return meta, weights
@@ -175,10 +166,9 @@ def load_adapter(
 ) -> dict[str, Any]:
     """Put an adapter's weights into `model`, refusing one trained from another model.
 
-    The model's config then says `injection = "trained"` and takes the attention scale
-    chunk selection and re-reading the adapter records (`log_scale_entries`,
-    `select_chunks`, `reread_tokens`).
-    Returns the adapter's metadata.
+    The model's injection is then "trained", and its settings take those the adapter
+    records (settings.IN_ADAPTERS: the attention scale, the chunks a question reads, the
+    re-reading). The description is unchanged. Returns the adapter's metadata.
     """
     meta, weights = read_adapter(path)
     ours = model.fingerprint()
@@ -194,8 +184,8 @@ def load_adapter(
         raise ValueError(f"{path}: {e}") from None
     model.load_weights([(k, v.astype(params[k].dtype)) for k, v in weights.items()], strict=False)
     mx.eval(model.parameters())
-    settings = {name: meta.get(name, 0) for name in SETTINGS}
-    model.config = dataclasses.replace(model.config, injection="trained", **settings)
+    model.settings = model.settings.with_recorded(meta, IN_ADAPTERS)
+    model.injection = "trained"
     return meta
 
 
@@ -218,7 +208,7 @@ def fuse(
         raise FileExistsError(f"{out} exists (force=True replaces it)")
     model, _ = load(model_path)
     load_adapter(model, adapter_path, check_fingerprint)
-    config = model.config.to_dict()
+    config = model.config_dict()
 
     def write(tmp: Path) -> None:
         save_model_folder(tmp, model, config)

@@ -11,12 +11,9 @@ from typing import Any
 
 from mlx_lm.models.llama import ModelArgs as LlamaArgs
 
-POLICIES = ("query", "right")
 # How the injection weights came to be: trained, or initialised by stacking from one.
 INJECTIONS = ("trained", "zero", "copy")
 LAYOUTS = ("paper", "reference")
-# Re-reading reads passages of this many tokens (reread.py).
-PASSAGE_TOKENS = 128
 # A chunk is encoded whole by the lower model; beyond this no run is practical, and the
 # tree planner and checks would work on absurd numbers.
 MAX_CHUNK_LEN = 1 << 20
@@ -35,32 +32,6 @@ LLAMA_REQUIRED_SIZES = LLAMA_SIZES[:5]
 # Far above any real model's size, far below what would overflow the planner's arithmetic
 # or make a config alone allocate a bomb.
 MAX_LLAMA_SIZE = 1 << 24
-
-
-def parse_last_p(value: int | float | str) -> int | float:
-    """Read `last_p` as the released config writes it: "32" is an int, "0.125" a float.
-
-    An int keeps that many tokens per node (<= 0: all of them); a float keeps that
-    fraction, in (0, 1].
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"last_p must be a number, got {value!r}")
-    if isinstance(value, str):
-        value = _number(value.strip())
-    if isinstance(value, float) and not 0 < value <= 1:
-        raise ValueError(f"last_p as a fraction must be in (0, 1], got {value}")
-    return value
-
-
-def _number(text: str) -> int | float:
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"last_p must be an int or a float, got {text!r}") from None
 
 
 def _check_present(cls: type, params: dict[str, Any], which: str) -> None:
@@ -127,39 +98,28 @@ class SharedLLMConfig:
     layers") read the context tree through an injection block, each from the lower
     layer of the same index; only they have injection blocks and tree storage.
     `lower=None` stacks the model from one: the compressor is the upper model's own
-    bottom M layers (shared weights). The description is fixed once made: a change of
-    setting is a new config (`dataclasses.replace`).
+    bottom M layers (shared weights). `chunk_len` is the length of the chunks the lower
+    model encodes, `layout` how chunk positions are counted (the released code's
+    "reference", or the paper's), `injection` how the folder's injection weights came
+    to be (a model that loads an adapter says so itself: `SharedLLM.injection`).
+    The description is fixed once made; what a run chooses is in settings.py.
     """
 
     upper: LlamaArgs
     lower: LlamaArgs | None
     num_injection_layers: int
     injection_layers: tuple[int, ...] | None = None
-    tree_depth: int = 3
-    last_p: int | float = 32
     chunk_len: int = 1024
-    policy: str = "query"
     layout: str = "paper"
-    compress_batch: int = 8
     injection: str = "trained"
-    # Scale the injection's attention logits by log(entries) / log(this) on trees of more
-    # entries than this (0: off); see model.log_scale. Set by training, kept by adapters.
-    log_scale_entries: int = 0
-    # A question reads only this many chunks, those its injection heads attend to most
-    # (0: every chunk); see selection.py. Kept by adapters.
-    select_chunks: int = 0
-    # Re-read in full, in the running text, up to this many tokens of the passages that
-    # the question points at (0: off); see reread.py. Kept by adapters.
-    reread_tokens: int = 0
     model_type: str = "sharedllm"
     quantization: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        # Normalised once here; frozen afterwards (a change of setting is a new config).
+        # Normalised once here; frozen afterwards (another description is another model).
         fix = partial(object.__setattr__, self)
         fix("upper", _llama_args(self.upper, "upper"))
         fix("lower", None if self.lower is None else _llama_args(self.lower, "lower"))
-        fix("last_p", parse_last_p(self.last_p))
         m = self.num_injection_layers
         if self.injection_layers is None and is_int(m):
             fix("injection_layers", tuple(range(m)))
@@ -188,13 +148,8 @@ class SharedLLMConfig:
                 f"num_injection_layers ({m}) that ends with layer {m - 1}, the last one the "
                 "compressor runs"
             )
-        check_int("compress_batch", self.compress_batch, 1)
         check_int("chunk_len", self.chunk_len, 2, MAX_CHUNK_LEN)
-        # Before check_chunk_len computes 2**depth: a chunk halves at most log2(len) times.
-        check_int("tree_depth", self.tree_depth, 1, int(self.chunk_len).bit_length())
         _check_quantization(self.quantization)
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.injection not in INJECTIONS:
             raise ValueError(f"injection must be one of {INJECTIONS}, got {self.injection!r}")
         if self.layout not in LAYOUTS:
@@ -203,9 +158,6 @@ class SharedLLMConfig:
             raise ValueError(
                 f"the lower model has {low.num_hidden_layers} layers, fewer than M={m}"
             )
-        check_log_scale(self.log_scale_entries)
-        check_select_chunks(self.select_chunks)
-        check_reread_tokens(self.reread_tokens)
         if head_dim(up) != head_dim(low):
             raise ValueError(
                 f"upper head_dim {head_dim(up)} != lower head_dim {head_dim(low)}: "
@@ -216,11 +168,10 @@ class SharedLLMConfig:
                 f"upper heads ({up.num_attention_heads}) must be a multiple of the lower "
                 f"key/value heads ({low.num_key_value_heads})"
             )
-        check_chunk_len(self.chunk_len, self.tree_depth)
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> SharedLLMConfig:
-        """Build from a config.json dict; unknown keys are ignored."""
+        """Build from a config.json dict; other keys (the settings) are ignored."""
         if not isinstance(params, dict):
             raise ValueError(f"a config must be an object, got {type(params).__name__}")
         _check_present(cls, params, "the config")
@@ -228,9 +179,10 @@ class SharedLLMConfig:
         return cls(**{k: v for k, v in params.items() if k in names})
 
     def tree_dict(self) -> dict[str, Any]:
-        """The settings a context tree depends on (the injection layers only where they
-        are not all of 0..M-1, so that trees of such models read as before)."""
-        keys = ("num_injection_layers", "tree_depth", "last_p", "chunk_len", "policy", "layout")
+        """What of the description a context tree depends on (the injection layers only
+        where they are not all of 0..M-1, so that trees of such models read as before);
+        settings.py adds the tree settings."""
+        keys = ("num_injection_layers", "chunk_len", "layout")
         out = {k: getattr(self, k) for k in keys}
         if not self.injects_everywhere:
             out["injection_layers"] = list(self.injection_layers)
@@ -272,29 +224,6 @@ def head_dim(args: LlamaArgs) -> int:
     return args.head_dim or args.hidden_size // args.num_attention_heads
 
 
-def check_log_scale(entries: int) -> None:
-    """`log_scale_entries` is 0 (off) or a number of entries, at least 2 (log(1) is 0)."""
-    if not is_int(entries) or entries < 0 or entries == 1:
-        raise ValueError(f"log_scale_entries must be 0 (off) or at least 2, got {entries!r}")
-
-
-def check_select_chunks(chunks: int) -> None:
-    """`select_chunks` is 0 (read every chunk) or how many chunks a question reads."""
-    if not is_int(chunks) or chunks < 0:
-        raise ValueError(f"select_chunks must be 0 (every chunk) or more, got {chunks!r}")
-
-
-def check_reread_tokens(tokens: int) -> None:
-    """`reread_tokens` is 0 (off) or a budget of at least one passage."""
-    if not is_int(tokens) or tokens < 0:
-        raise ValueError(f"reread_tokens must be 0 (off) or a number of tokens, got {tokens!r}")
-    if 0 < tokens < PASSAGE_TOKENS:
-        raise ValueError(
-            f"reread_tokens must be 0 (off) or at least one passage ({PASSAGE_TOKENS}), "
-            f"got {tokens}"
-        )
-
-
 def _check_quantization(quantization: Any) -> None:
     """mlx-lm's quantization entry: None, or an object whose bits and group size (when
     given) are integers; per-layer entries are mlx-lm's to read."""
@@ -305,12 +234,3 @@ def _check_quantization(quantization: Any) -> None:
     for name in ("bits", "group_size"):
         if name in quantization:
             check_int(f"quantization.{name}", quantization[name], 1)
-
-
-def check_chunk_len(chunk_len: int, depth: int) -> None:
-    """Every split above the last level halves a node, so it must have an even length."""
-    if chunk_len % (2 ** (depth - 1)) or chunk_len < 2**depth:
-        raise ValueError(
-            f"chunk_len {chunk_len} cannot be halved {depth - 1} times and still leave two "
-            f"leaves: use a multiple of {2 ** (depth - 1)} that is at least {2**depth}"
-        )

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .assets import DEFAULT_GGUF, cache_home, fetch
+from .settings import IN_ADAPTERS, keys
 
 # Nineteen injection layers, with the cross-attention of four heads started as a copy of
 # their self-attention: 17.3, 17.4, 18.6 and 18.7 are the heads that SmolLM2 itself uses
@@ -62,7 +63,7 @@ def adapter_tag(weights: bytes, meta: dict) -> str:
     """An adapter's version tag: a hash of its weights and of the inference settings it
     records, so that changing either names a new cached default model."""
     digest = hashlib.sha256(weights)
-    settings = {k: meta.get(k, 0) for k in ("log_scale_entries", "select_chunks", "reread_tokens")}
+    settings = {k: meta.get(k, 0) for k in keys(IN_ADAPTERS)}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return "adapter-" + digest.hexdigest()[:8]
 

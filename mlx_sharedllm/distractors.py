@@ -26,9 +26,10 @@ from .tree import ContextTree, join_chunks
 def movable_chunks(model: SharedLLM) -> bool:
     """True when each chunk's tree entries depend only on that chunk's tokens and its
     position (no query-aware split: depth 1 or the 'right' policy; the paper layout,
-    whose chunk position is the chunk's index), so chunks can be moved between trees."""
-    c = model.config
-    return (c.tree_depth == 1 or c.policy == "right") and c.layout == "paper"
+    whose chunk position is the chunk's index), so chunks can be moved between trees.
+    The tree is the model's settings' (training compresses with them)."""
+    s = model.settings
+    return (s.tree_depth == 1 or s.policy == "right") and model.config.layout == "paper"
 
 
 def arrange(model: SharedLLM, pieces: list[tuple[ContextTree, int]]) -> ContextTree:

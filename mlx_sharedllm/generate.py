@@ -21,10 +21,10 @@ from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .cache import TreeFormat
 from .model import SharedLLM
 from .reread import Passage, choose, focus, rare_words, token_terms
 from .selection import keep_attended_chunks
+from .settings import Settings
 from .sources import Sources, TextOffsets, document_passages, find_sources, tokenize_with_offsets
 from .tree import ContextTree, check_token_ids
 
@@ -60,15 +60,19 @@ class PreparedContext:
 
 
 class WithTree(nn.Module):
-    """The model with a fixed tree, callable the way mlx-lm's decode loop calls models."""
+    """The model with a fixed tree and settings (default: the model's), callable the way
+    mlx-lm's decode loop calls models."""
 
-    def __init__(self, model: SharedLLM, tree: ContextTree | None):
+    def __init__(
+        self, model: SharedLLM, tree: ContextTree | None, settings: Settings | None = None
+    ):
         super().__init__()
         self.model = model
         self.tree = tree
+        self.settings = settings or model.settings
 
     def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
-        return self.model(inputs, tree=self.tree, cache=cache)
+        return self.model(inputs, tree=self.tree, cache=cache, settings=self.settings)
 
 
 def text_pieces(stream: TextIO, size: int = PIECE_CHARS) -> Iterator[str]:
@@ -141,9 +145,10 @@ def prepare_context(
     context: str | ContextTree | Any | None,
     prompt_ids: np.ndarray,
     progress: Progress | None = None,
-    tree_format: TreeFormat | None = None,
+    settings: Settings | None = None,
 ) -> PreparedContext:
-    """Compress the context and build the running text.
+    """Compress the context (as `settings`, default the model's, say) and build the
+    running text.
 
     Full chunks of the context go to the tree; the tokens after the last full chunk
     join the running text ahead of the prompt, so no token is lost. The prompt is the
@@ -168,7 +173,7 @@ def prepare_context(
             progress("compress", done, total)
 
     tic = time.perf_counter()
-    tree = model.compress(mx.array(ids), mx.array(prompt_ids), chunk_progress, tree_format)
+    tree = model.compress(mx.array(ids), mx.array(prompt_ids), chunk_progress, settings=settings)
     return _prepared(tree, prompt_ids, time.perf_counter() - tic)
 
 
@@ -200,25 +205,21 @@ def stream_generate(
     seed: int | None = None,
     chat_template: bool | None = None,
     progress: Progress | None = None,
-    tree_bits: int | None = None,
-    tree_group_size: int = 64,
+    settings: Settings | None = None,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
-    select_chunks: int | None = None,
-    reread_tokens: int | None = None,
     sources: bool = False,
     text_offsets: TextOffsets | None = None,
 ) -> Iterator[GenerationResponse]:
     """Answer `prompt` about `context` (a string, token ids, or a compressed ContextTree),
     yielding a response per generated token with the text so far and the stats.
 
-    `tree_bits` (4 or 8) stores a newly compressed tree quantized, with `tree_group_size`;
+    `settings` (default: the model's own, `model.settings`) say how a new tree is built
+    and stored, how many chunks the question reads (`chunks_per_question`: those the
+    injection heads attend to most, selection.py) and how many tokens of the passages
+    it points at are put back in the running text to be read in full (`reread_tokens`,
+    reread.py; the response's `passages` say which).
     `kv_bits` quantizes the upper model's own KV cache (mlx-lm's QuantizedKVCache).
-    `select_chunks` (default: the model's `config.select_chunks`, 0 for all) answers
-    from only that many chunks, those the injection heads attend to most (selection.py).
-    `reread_tokens` (default: the model's `config.reread_tokens`, 0 for off) puts up to
-    that many tokens of the passages the question points at back in the running text, to
-    be read in full (reread.py); the response's `passages` say which.
     `sources` adds the answer's `sources` to the responses (sources.py: one more pass
     over the tree), with character offsets into a text context, or into the text that
     `text_offsets` describes when the context is its token ids.
@@ -232,7 +233,7 @@ def stream_generate(
         raise ValueError(
             f"the prompt is {len(prompt_ids)} tokens, longer than the model's window ({window})"
         )
-    tree_format = TreeFormat(model.compute_dtype, tree_bits, tree_group_size)
+    settings = settings or model.settings
     head_dim = model.tree_shape(0)[3]
     if kv_bits is not None and head_dim % kv_group_size:
         raise ValueError(f"head_dim {head_dim} is not a multiple of kv_group_size {kv_group_size}")
@@ -241,13 +242,12 @@ def stream_generate(
         context, text_offsets = tokenize_with_offsets(
             tokenizer, text_pieces(io.StringIO(context)), _tokenize_progress(progress)
         )
-    prepared = prepare_context(model, tokenizer, context, prompt_ids, progress, tree_format)
-    keep = model.config.select_chunks if select_chunks is None else select_chunks
+    prepared = prepare_context(model, tokenizer, context, prompt_ids, progress, settings)
     tree, running = prepared.tree, prepared.running
     if tree is not None:
-        tree = keep_attended_chunks(model, tree, running, keep)
+        tree = keep_attended_chunks(model, tree, running, settings.chunks_per_question, settings)
     stats = {**prepared.stats, "chunks_read": tree.n_chunks if tree is not None else 0}
-    budget = model.config.reread_tokens if reread_tokens is None else reread_tokens
+    budget = settings.reread_tokens
 
     def room_for(budget: int) -> int:
         """The re-reading budget that leaves the window room for the prompt and answer
@@ -264,7 +264,14 @@ def stream_generate(
         )
     elif tree is not None and budget and room_for(budget) > 0:
         passages, running = reread_passages(
-            model, tokenizer, tree, prepared.running, prompt, room_for(budget), chat_template
+            model,
+            tokenizer,
+            tree,
+            prepared.running,
+            prompt,
+            room_for(budget),
+            chat_template,
+            settings,
         )
         stats["reread_tokens"] = sum(p.end - p.start for p in passages)
         stats["passages"] = tuple(passages)
@@ -277,12 +284,13 @@ def stream_generate(
         tree = None
     if sources and prepared.tree is not None:
         stats["sources"] = find_sources(
-            model, tokenizer, prepared.tree, prepared.running, read, text_offsets
+            model, tokenizer, prepared.tree, prepared.running, read, text_offsets,
+            settings=settings,
         )  # fmt: skip
     if seed is not None:
         mx.random.seed(seed)
     responses = mlx_lm_stream_generate(
-        WithTree(model, tree),
+        WithTree(model, tree, settings),
         tokenizer,
         mx.array(running),
         max_tokens=max_tokens,
@@ -305,6 +313,7 @@ def reread_passages(
     prompt: str | Iterable[int],
     budget: int,
     chat_template: bool | None = None,
+    settings: Settings | None = None,
 ) -> tuple[list[Passage], np.ndarray]:
     """The passages of the context (the tree's tokens, then the remainder) that the
     question points at, and the running text that reads them: in the user's message ahead
@@ -313,7 +322,8 @@ def reread_passages(
     it, untemplated).
 
     `running` is the text the model reads before answering (the tree's remainder, then
-    the encoded prompt), whose last token asks the heads where to look.
+    the encoded prompt), whose last token asks the heads where to look (with `settings`,
+    default the model's).
     """
     remainder = np.zeros(0, np.int32) if tree.remainder is None else np.array(tree.remainder)
     question = (
@@ -321,7 +331,8 @@ def reread_passages(
         if isinstance(prompt, str)
         else np.asarray(list(prompt), np.int32)
     )
-    passages = choose(model, tree, running, budget, question, token_terms(tokenizer), remainder)
+    terms = token_terms(tokenizer)
+    passages = choose(model, tree, running, budget, question, terms, remainder, settings)
     context = np.concatenate([np.array(tree.tokens).reshape(-1), remainder]).astype(np.int32)
     pieces = [context[p.start : p.end] for p in passages]
     if not isinstance(prompt, str):

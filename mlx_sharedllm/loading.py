@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from mlx_lm.utils import load_model, load_tokenizer
 from .config import SharedLLMConfig
 from .io import config_of_folder
 from .model import SharedLLM, fingerprint_of
+from .settings import Settings, read_config
 from .tree import ContextTree, token_hash
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -26,6 +28,7 @@ DEFAULT = "default"
 
 def load(path: str | Path = DEFAULT) -> tuple[SharedLLM, TokenizerWrapper | None]:
     """Load a converted model folder: (model, tokenizer), tokenizer None when it has none.
+    The model's default settings are those its config.json records.
 
     With no argument (or "default"), the embedded default model with its adapter, built
     once into the cache (`mlx_sharedllm.default.default_model`).
@@ -43,7 +46,10 @@ def load(path: str | Path = DEFAULT) -> tuple[SharedLLM, TokenizerWrapper | None
     model, _ = load_model(
         path,
         model_config={k: params[k] for k in keys} if migrated else None,
-        get_model_classes=lambda config: (SharedLLM, SharedLLMConfig),
+        get_model_classes=lambda config: (
+            partial(SharedLLM, settings=read_config(config)[1]),
+            SharedLLMConfig,
+        ),
     )
     if migrated:
         model.aliases = (legacy_fingerprint(path),)
@@ -66,18 +72,21 @@ def legacy_fingerprint(path: Path) -> str:
     """The fingerprint that the code before `injection_layers` gave a folder that this
     version reads with fewer injection blocks (trees and adapters made then record it)."""
     params = json.loads((path / "config.json").read_text())
-    config = SharedLLMConfig.from_dict(params)
+    config, settings = read_config(params)
     weights: dict[str, mx.array] = {}
     for file in sorted(path.glob("model*.safetensors")):
         weights.update(mx.load(str(file)))
     if config.upper.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
-    return fingerprint_of(config, weights.items())
+    return fingerprint_of(config, settings, weights.items())
 
 
-def load_context(path: str | Path, model: SharedLLM, context: Any = None) -> ContextTree:
+def load_context(
+    path: str | Path, model: SharedLLM, context: Any = None, settings: Settings | None = None
+) -> ContextTree:
     """Load a tree saved with `ContextTree.save`, refusing one made by another model or
-    with other settings, or one whose token ids this model's vocabulary does not hold.
+    with other tree settings than `settings` (default: the model's), or one whose token
+    ids this model's vocabulary does not hold.
 
     `context`, the token ids the tree was compressed from, if given, must be what the
     tree records (its hash, and its remainder).
@@ -91,7 +100,7 @@ def load_context(path: str | Path, model: SharedLLM, context: Any = None) -> Con
         )
     if made_by in model.aliases:
         tree = migrated_tree(tree, model)
-    if tree.meta.get("config") != model.config.tree_dict():
+    if tree.meta.get("config") != model.tree_dict(settings):
         raise ValueError(
             f"{path} was compressed with other tree settings: {tree.meta.get('config')}"
         )
@@ -122,7 +131,7 @@ def migrated_tree(tree: ContextTree, model: SharedLLM) -> ContextTree:
     same folder: one layer per injection layer (the others were stored empty), and the
     settings as the model now records them."""
     layers = [tree.layers[i] for i in model.config.injection_layers if i < len(tree.layers)]
-    meta = {**tree.meta, "model": model.fingerprint(), "config": model.config.tree_dict()}
+    meta = {**tree.meta, "model": model.fingerprint(), "config": model.tree_dict()}
     return dataclasses.replace(tree, layers=layers, meta=meta)
 
 

@@ -32,7 +32,7 @@ def example_loss(
     """(summed cross-entropy over the masked targets, summed negative log attention of
     the taught heads on their entries, per head). The tree is a constant here."""
     tap = AttentionTap(attention.rows) if attention is not None else None
-    h = model.model(inputs[None], tree, [None] * len(model.layers), tap)[0]
+    h = model.hidden_states(inputs[None], tree, tap=tap)[0]
     # Only scored positions need logits: a response is a few tokens of a long window.
     keep = np.flatnonzero(np.asarray(mask))
     if len(keep) < len(mask):

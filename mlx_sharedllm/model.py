@@ -24,8 +24,9 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
 from .cache import TreeCache, TreeFormat
-from .config import SharedLLMConfig, check_chunk_len, head_dim
+from .config import SharedLLMConfig, head_dim
 from .kernels import inject_attention, rotate_at, tree_compress
+from .settings import IN_TREES, Settings, check_tree_depth
 from .tree import (
     ContextTree,
     SegmentPlan,
@@ -144,11 +145,12 @@ class UpperModel(nn.Module):
         tree: ContextTree | None,
         cache: list,
         tap: AttentionTap | None = None,
+        sharpen: float = 1.0,
     ) -> mx.array:
+        """Final hidden states; the injections scale their attention logits by `sharpen`."""
         self._check_inputs(inputs, tree, cache[0])
         h = self.embed_tokens(inputs)
         mask = create_attention_mask(h, cache[0])
-        sharpen = log_scale(tree.num_entries, self.config.log_scale_entries) if tree else 1.0
         reads = dict(zip(self.config.injection_layers, tree.layers)) if tree is not None else {}
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
             h = layer(h, mask, c, reads.get(i), tree.query_position if tree else 0, tap, sharpen)
@@ -179,12 +181,21 @@ def log_scale(entries: int, base: int) -> float:
 
 
 class SharedLLM(nn.Module):
-    """The stacked model. `compress` builds a ContextTree; calling the model decodes."""
+    """The stacked model. `compress` builds a ContextTree; calling the model decodes.
 
-    def __init__(self, config: SharedLLMConfig):
+    `config`, the description, never changes. `settings` are the model's default
+    settings (settings.py), which `compress` and decoding use unless given others; an
+    adapter loaded on the model replaces those it records. `injection` says how the
+    injection weights came to be: the description's, until an adapter is loaded
+    ("trained").
+    """
+
+    def __init__(self, config: SharedLLMConfig, settings: Settings | None = None):
         super().__init__()
         self.model = UpperModel(config)
-        self.config = config
+        self._config = config
+        self.settings = settings or Settings()
+        self.injection = config.injection
         self.args = config.upper
         # Fingerprints this model's folder had before it was migrated (loading.py): trees
         # and adapters made then record them.
@@ -197,14 +208,8 @@ class SharedLLM(nn.Module):
 
     @property
     def config(self) -> SharedLLMConfig:
+        """The model description (read only: it is the model the weights belong to)."""
         return self._config
-
-    @config.setter
-    def config(self, config: SharedLLMConfig) -> None:
-        """A new description (an adapter's settings, a test's): the upper model reads it
-        too. The description itself is frozen."""
-        self._config = config
-        self.model.config = config
 
     @property
     def layers(self) -> list[DecoderLayer]:
@@ -220,9 +225,25 @@ class SharedLLM(nn.Module):
         inputs: mx.array,
         tree: ContextTree | None = None,
         cache: list | None = None,
+        settings: Settings | None = None,
     ) -> mx.array:
-        """Logits (B, L, vocab) for `inputs` (B, L), reading `tree` in the injection layers."""
-        return self.head(self.model(inputs, tree, cache or [None] * len(self.layers)))
+        """Logits (B, L, vocab) for `inputs` (B, L), reading `tree` in the injection layers
+        (its attention scaled as `settings`, default the model's, say)."""
+        return self.head(self.hidden_states(inputs, tree, cache, settings=settings))
+
+    def hidden_states(
+        self,
+        inputs: mx.array,
+        tree: ContextTree | None = None,
+        cache: list | None = None,
+        tap: AttentionTap | None = None,
+        settings: Settings | None = None,
+    ) -> mx.array:
+        """The upper model's final hidden states for `inputs`; `tap`, if given, collects
+        the injections' attention."""
+        entries = (settings or self.settings).log_scale_entries
+        sharpen = log_scale(tree.num_entries, entries) if tree is not None else 1.0
+        return self.model(inputs, tree, cache or [None] * len(self.layers), tap, sharpen)
 
     def head(self, h: mx.array) -> mx.array:
         """Logits for the final hidden states `h`."""
@@ -262,7 +283,8 @@ class SharedLLM(nn.Module):
         context: Any,
         query: Any,
         progress: Callable[[int, int], None] | None = None,
-        tree_format: TreeFormat | None = None,
+        *,
+        settings: Settings | None = None,
         splits: list[int] | None = None,
     ) -> ContextTree:
         """Compress `context` into a context tree, guided by the running text `query`.
@@ -272,29 +294,29 @@ class SharedLLM(nn.Module):
         compressed and are returned in `tree.remainder`, for the caller to put in
         the running text. `query` is the (L,) or (1, L) running text. `progress`, if
         given, is called with (chunks done, chunks in all) as batches finish.
-        `tree_format` sets the storage (default: the model's float dtype). `splits`
+        `settings` (default: the model's) say how the tree is built and stored. `splits`
         gives the preserved size per level (training's split noise; default: halves).
         """
+        s = settings or self.settings
         chunks, remainder = self._as_chunks(context)
         lower = self.config.lower or self.config.upper
         check_token_ids(chunks, lower.vocab_size, "the context")
         check_token_ids(mx.array(query), self.config.upper.vocab_size, "the query")
         n, chunk_len = chunks.shape
-        check_chunk_len(chunk_len, self.config.tree_depth)
+        check_tree_depth(s.tree_depth, chunk_len)
         progress = progress or (lambda done, total: None)
         progress(0, n)
-        chooser = self._chooser(chunks, query)
-        plan = plan_segments(
-            n, chunk_len, self.config.tree_depth, self.config.layout, chooser, splits
-        )
-        entries = sum(len(downsample_index(length, self.config.last_p)) for length in plan.lengths)
-        fmt = tree_format or TreeFormat(dtype=self.compute_dtype)
+        chooser = self._chooser(chunks, query, s)
+        plan = plan_segments(n, chunk_len, s.tree_depth, self.config.layout, chooser, splits)
+        kept = (s.keep_tokens, s.keep_fraction)
+        entries = sum(len(downsample_index(length, *kept)) for length in plan.lengths)
+        fmt = s.tree_format or TreeFormat(dtype=self.compute_dtype)
         _, kv_heads, _, dim = self.tree_shape(n * entries)
         caches = [TreeCache(kv_heads, n * entries, dim, fmt) for _ in self.config.injection_layers]
         key_pos, query_pos = chunk_positions(n, entries, self.config.layout)
-        for idx in self._batches(n):
+        for idx in self._batches(n, s.compress_batch):
             positions, keep = mx.array(key_pos[idx]), mx.arange(entries)
-            for cache, (k, v) in zip(caches, self._encode_slots(chunks, plan, idx)):
+            for cache, (k, v) in zip(caches, self._encode_slots(chunks, plan, idx, s)):
                 tree_compress(k, v, keep, positions, idx * entries, self.chunk_rope, cache)
             mx.eval([(c.key_parts, c.value_parts) for c in caches])
             progress(int(idx[-1]) + 1, n)
@@ -307,7 +329,7 @@ class SharedLLM(nn.Module):
             remainder=remainder,
             meta={
                 "model": self.fingerprint(),
-                "config": self.config.tree_dict(),
+                "config": self.tree_dict(s),
                 "context_sha256": token_hash(chunks),
                 "query_sha256": token_hash(mx.array(query)),
             },
@@ -320,8 +342,19 @@ class SharedLLM(nn.Module):
         return str(self.model.norm.weight.dtype).rsplit(".", 1)[-1]
 
     def fingerprint(self) -> str:
-        """A short hash that tells this model's weights and config from another's."""
-        return fingerprint_of(self.config, tree_flatten(self.parameters()))
+        """A short hash that tells this model's weights, description and tree settings
+        from another's."""
+        parameters = tree_flatten(self.parameters())
+        return fingerprint_of(self.config, self.settings, parameters, self.injection)
+
+    def tree_dict(self, settings: Settings | None = None) -> dict[str, Any]:
+        """What a context tree made with `settings` (default: the model's) depends on, as
+        its metadata records it."""
+        return {**self.config.tree_dict(), **(settings or self.settings).to_dict(IN_TREES)}
+
+    def config_dict(self) -> dict[str, Any]:
+        """The model's config.json (see `config_json`)."""
+        return config_json(self.config, self.settings, self.injection)
 
     def _as_chunks(self, context: Any) -> tuple[mx.array, mx.array | None]:
         context = mx.array(context) if not isinstance(context, mx.array) else context
@@ -342,15 +375,15 @@ class SharedLLM(nn.Module):
             )
         return context[: n * chunk_len].reshape(n, chunk_len), context[n * chunk_len :]
 
-    def _chooser(self, chunks: mx.array, query: Any):
-        if self.config.policy == "right":
+    def _chooser(self, chunks: mx.array, query: Any, settings: Settings):
+        if settings.policy == "right":
             return lambda node, half: np.ones(len(node), dtype=np.int64)
         query = mx.array(query).reshape(1, -1)
         q_vec = _unit(self._layer0_state(self.model, query))[0]
 
         def choose(node: np.ndarray, half: int) -> np.ndarray:
             scores = []
-            for idx in self._batches(len(node)):
+            for idx in self._batches(len(node), settings.compress_batch):
                 halves = [_gather(chunks, idx, node[idx] + side * half, half) for side in (0, 1)]
                 vecs = _unit(self._layer0_state(self.lower, mx.concatenate(halves)))
                 # One batch at a time, so memory does not grow with the number of chunks.
@@ -377,15 +410,17 @@ class SharedLLM(nn.Module):
         x = x[:, -1] + attn.o_proj(out.reshape(b, -1))
         return model.norm(x + layer.mlp(layer.post_attention_layernorm(x)))
 
-    def _encode_slots(self, chunks: mx.array, plan: SegmentPlan, idx: np.ndarray):
+    def _encode_slots(
+        self, chunks: mx.array, plan: SegmentPlan, idx: np.ndarray, settings: Settings
+    ):
         """Encode the planned segments of chunk slots `idx` with the lower model.
 
         Returns per layer (keys, values) of shape (len(idx), kv_heads, T, head_dim), each
         slot's downsampled segments joined along the sequence in plan order.
         """
         parts = [
-            self._encode(_gather(chunks, plan.source[idx, s], plan.start[idx, s], length))
-            for s, length in enumerate(plan.lengths)
+            self._encode(_gather(chunks, plan.source[idx, s], plan.start[idx, s], n), settings)
+            for s, n in enumerate(plan.lengths)
         ]
         return [
             (
@@ -395,7 +430,7 @@ class SharedLLM(nn.Module):
             for i in range(len(self.config.injection_layers))
         ]
 
-    def _encode(self, tokens: mx.array) -> list[tuple[mx.array, mx.array]]:
+    def _encode(self, tokens: mx.array, settings: Settings) -> list[tuple[mx.array, mx.array]]:
         """Run the lower model on (B, len) segments; per injection layer, downsampled
         (keys, values)."""
         lower, m = self.lower, self.config.num_injection_layers
@@ -403,13 +438,14 @@ class SharedLLM(nn.Module):
         for layer in lower.layers[:m]:
             h, keys, values = encode_block(layer, h)
             kvs.append((keys, values))
-        keep = mx.array(downsample_index(tokens.shape[1], self.config.last_p))
+        kept = (settings.keep_tokens, settings.keep_fraction)
+        keep = mx.array(downsample_index(tokens.shape[1], *kept))
         return [
             (kvs[i][0][:, :, keep], kvs[i][1][:, :, keep]) for i in self.config.injection_layers
         ]
 
-    def _batches(self, n: int) -> list[np.ndarray]:
-        size = self.config.compress_batch
+    @staticmethod
+    def _batches(n: int, size: int) -> list[np.ndarray]:
         return [np.arange(i, min(i + size, n)) for i in range(0, n, size)]
 
 
@@ -455,14 +491,28 @@ def _gather(chunks: mx.array, rows: np.ndarray, starts: np.ndarray, length: int)
     return mx.take_along_axis(chunks[mx.array(rows)], cols, axis=1)
 
 
-def fingerprint_of(config: SharedLLMConfig, parameters: Iterable[tuple[str, mx.array]]) -> str:
-    """A short hash of a config and parameters: every parameter's name, shape, dtype and
-    an evenly spaced sample of its values, so it is quick even for a large model."""
-    # None changes what the weights compute alone; an adapter carries the scale and
-    # the selection.
-    skip = ("compress_batch", "log_scale_entries", "select_chunks", "reread_tokens")
-    settings = {k: v for k, v in config.to_dict().items() if k not in skip}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+def config_json(
+    config: SharedLLMConfig, settings: Settings, injection: str | None = None
+) -> dict[str, Any]:
+    """A model folder's config.json: the description, how the injection weights came to
+    be (default: as the description says) and the default settings, in one flat object."""
+    return {**config.to_dict(), "injection": injection or config.injection, **settings.to_dict()}
+
+
+def fingerprint_of(
+    config: SharedLLMConfig,
+    settings: Settings,
+    parameters: Iterable[tuple[str, mx.array]],
+    injection: str | None = None,
+) -> str:
+    """A short hash of a description, the settings a tree depends on and parameters: every
+    parameter's name, shape, dtype and an evenly spaced sample of its values, so it is
+    quick even for a large model. `injection` (default: the description's) says how the
+    injection weights came to be."""
+    # The other settings change no tree (an adapter carries those it was trained with).
+    described = {**config.to_dict(), **settings.to_dict(IN_TREES)}
+    described["injection"] = injection or config.injection
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
     for name, value in sorted(parameters, key=lambda item: item[0]):
         flat = value.reshape(-1)
         sample = flat[:: max(1, flat.size // 64)]

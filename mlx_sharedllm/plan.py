@@ -39,6 +39,7 @@ from .cache import FLOAT_DTYPES, SCORE_BLOCK_BYTES, TreeFormat
 from .config import SharedLLMConfig, check_int, head_dim
 from .io import config_of_folder, safetensors_headers
 from .model import SharedLLM
+from .settings import Settings, read_config
 from .tree import downsample_count, plan_segments
 
 GiB = 1 << 30
@@ -88,7 +89,9 @@ SHAPES: dict[str, dict] = {
         tie_word_embeddings=True,
     ),
 }
-SHAPE_TREE = dict(num_injection_layers=4, chunk_len=1024, tree_depth=3, last_p=32)
+# Named shapes inject in their bottom 4 layers and read trees as Settings() builds them
+# (depth 3, 32 tokens a node).
+SHAPE_INJECTION = dict(num_injection_layers=4, chunk_len=1024)
 # Named shapes are checkpoints released in 16-bit, and a Mac computes in bfloat16.
 SHAPE_DTYPE = "bfloat16"
 
@@ -185,6 +188,7 @@ class MemoryPlan:
 
     name: str
     config: SharedLLMConfig
+    model_settings: Settings
     settings: PlanSettings
     weights: WeightBytes
     n_chunks: int
@@ -218,7 +222,7 @@ class MemoryPlan:
     def replan(self, **changes) -> MemoryPlan:
         """The same model with other settings (weights unchanged)."""
         settings = dataclasses.replace(self.settings, **changes)
-        return make_plan(self.config, settings, self.weights, self.name)
+        return make_plan(self.config, self.model_settings, settings, self.weights, self.name)
 
 
 # -- the plan --------------------------------------------------------------------------
@@ -226,28 +230,30 @@ class MemoryPlan:
 
 def make_plan(
     config: SharedLLMConfig,
+    model_settings: Settings,
     settings: PlanSettings,
     weights: WeightBytes,
     name: str = "",
 ) -> MemoryPlan:
-    """Plan a run of `config` with `settings`, the weights taking `weights`;
-    Each of the config's injection layers stores a tree."""
-    s, lower = settings, config.lower or config.upper
+    """Plan a run of `config`, building trees as `model_settings` say, with `settings`,
+    the weights taking `weights`; each of the config's injection layers stores a tree."""
+    s, t, lower = settings, model_settings, config.lower or config.upper
     n_chunks = s.context_tokens // config.chunk_len
-    lengths = segment_lengths(config)
-    entries = n_chunks * sum(downsample_count(n, config.last_p) for n in lengths)
+    lengths = segment_lengths(config, t)
+    entries = n_chunks * sum(downsample_count(n, t.keep_tokens, t.keep_fraction) for n in lengths)
     running = s.running_tokens or config.chunk_len + 1024
-    batch = s.compress_batch or config.compress_batch
+    batch = s.compress_batch or t.compress_batch
     rows, size = min(batch, n_chunks), FLOAT_DTYPES[s.dtype].size
     tree_fmt = TreeFormat(s.dtype, s.tree_bits, s.tree_group_size)
     kv_fmt = TreeFormat(s.dtype, s.kv_bits, s.kv_group_size)
     tree_layers = len(config.injection_layers)
     tree_vectors = 2 * tree_layers * entries * lower.num_key_value_heads
     half = config.chunk_len // 2
-    selects = config.policy == "query" and config.tree_depth > 1
+    selects = t.policy == "query" and t.tree_depth > 1
     return MemoryPlan(
         name=name or "model",
         config=config,
+        model_settings=t,
         settings=s,
         weights=weights,
         n_chunks=n_chunks,
@@ -257,24 +263,24 @@ def make_plan(
         tree_cache=int(tree_vectors * tree_fmt.entry_bytes(head_dim(lower))),
         kv_cache=kv_cache_bytes(config.upper, running, kv_fmt),
         selection_activations=int(selects * size * SELECT.elements(lower, 2 * rows, half, half)),
-        encoding_activations=int(size * encoding_elements(config, rows)),
+        encoding_activations=int(size * encoding_elements(config, t, rows)),
         generation_activations=generation_bytes(config, s, running, entries),
         tree_layers=tree_layers,
     )
 
 
-def segment_lengths(config: SharedLLMConfig) -> list[int]:
+def segment_lengths(config: SharedLLMConfig, settings: Settings) -> list[int]:
     """Lengths of the segments each chunk is encoded as (leaves first)."""
     keep_left = lambda node, half: np.zeros(len(node), np.int64)  # noqa: E731
-    plan = plan_segments(1, config.chunk_len, config.tree_depth, config.layout, keep_left)
+    plan = plan_segments(1, config.chunk_len, settings.tree_depth, config.layout, keep_left)
     return plan.lengths
 
 
-def encoding_elements(config: SharedLLMConfig, rows: int) -> float:
+def encoding_elements(config: SharedLLMConfig, settings: Settings, rows: int) -> float:
     """Encoding a batch: the longest segment through the M layers, while the other
     segments' keys and values (every layer's) wait to be written with it."""
     lower, m = config.lower or config.upper, config.num_injection_layers
-    lengths = segment_lengths(config)
+    lengths = segment_lengths(config, settings)
     longest, others = max(lengths), sum(lengths) - max(lengths)
     waiting = ENCODE.captured_kv * m * lower.num_key_value_heads * head_dim(lower)
     return ENCODE.elements(lower, rows, longest, longest, m) + rows * others * waiting
@@ -369,7 +375,8 @@ def shape_config(name: str) -> SharedLLMConfig:
     """A named shape as SharedLLM stacked from one."""
     if name not in SHAPES:
         raise ValueError(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
-    return SharedLLMConfig(upper={"model_type": "llama", **SHAPES[name]}, lower=None, **SHAPE_TREE)
+    upper = {"model_type": "llama", **SHAPES[name]}
+    return SharedLLMConfig(upper=upper, lower=None, **SHAPE_INJECTION)
 
 
 def check_weight_bits(bits: int | None, dtype: str) -> int | None:
@@ -391,7 +398,7 @@ def plan_for_shape(
     config = shape_config(name)
     s = PlanSettings(context_tokens, **settings)
     weights = weight_bytes(config, check_weight_bits(weight_bits, s.dtype), s.dtype)
-    return make_plan(config, s, weights, name)
+    return make_plan(config, Settings(), s, weights, name)
 
 
 def plan_for_model_dir(
@@ -409,13 +416,13 @@ def plan_for_model_dir(
     dtype defaults to the model's)."""
     path = Path(path)
     params = config_of_folder(path)
-    config = SharedLLMConfig.from_dict(params)
+    config, model_settings = read_config(params)
     weights = stored_weights(path, params.get("quantization"))
     s = PlanSettings(context_tokens, **{"dtype": weights.dtype, **settings})
     s = dataclasses.replace(s, tree_bits=tree_bits, kv_bits=kv_bits)
     if weight_bits is not None:
         weights = weight_bytes(config, check_weight_bits(weight_bits, s.dtype), s.dtype)
-    return make_plan(config, s, weights, str(path))
+    return make_plan(config, model_settings, s, weights, str(path))
 
 
 # -- this machine ----------------------------------------------------------------------

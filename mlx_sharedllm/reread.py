@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .config import PASSAGE_TOKENS
 from .model import AttentionTap, SharedLLM
+from .settings import PASSAGE_TOKENS, Settings
 from .tree import ContextTree
 
 # A question's word is rare in a context where it stands at most RARE_COUNT times or in
@@ -55,12 +55,13 @@ class Passage:
 
 
 def attention_profile(
-    model: SharedLLM, tree: ContextTree, running: np.ndarray
+    model: SharedLLM, tree: ContextTree, running: np.ndarray, settings: Settings | None = None
 ) -> np.ndarray | None:
     """(heads, entries): the attention share each injection head gives each tree entry at
-    the running text's last token; None when no injection runs."""
+    the running text's last token, scaled as `settings` (default: the model's) say; None
+    when no injection runs."""
     tap = AttentionTap(mx.array([len(running) - 1]))
-    model.model(mx.array(np.asarray(running)[None]), tree, [None] * len(model.layers), tap)
+    model.hidden_states(mx.array(np.asarray(running)[None]), tree, tap=tap, settings=settings)
     if not tap.logprobs:
         return None
     return np.array(mx.concatenate([mx.exp(lp[0, :, 0]) for lp in tap.logprobs]))
@@ -172,11 +173,13 @@ def rank_passages(
     question: np.ndarray | None = None,
     term_of: TermOf | None = None,
     remainder: np.ndarray | None = None,
+    settings: Settings | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(starts, ends, scores) of every candidate passage of the context (the tree's
     tokens, then `remainder`) for the question that `running` ends with. `question` (its
     own tokens, no chat template) with `term_of` ranks by the question's words, the heads'
-    attention breaking ties; the remainder has no tree entries (no attention)."""
+    attention (read with `settings`) breaking ties; the remainder has no tree entries (no
+    attention)."""
     starts, ends, bounds = candidates(tree)
     context = np.array(tree.tokens).reshape(-1)
     if remainder is not None and len(remainder):
@@ -187,7 +190,7 @@ def rank_passages(
         )
         context = np.concatenate([context, remainder])
     attention = lexical = None
-    profile = attention_profile(model, tree, running)
+    profile = attention_profile(model, tree, running, settings)
     if profile is not None:
         found = attention_scores(profile, bounds)
         attention = np.append(found, np.zeros(len(starts) - len(found)))
@@ -206,15 +209,19 @@ def choose(
     question: np.ndarray | None = None,
     term_of: TermOf | None = None,
     remainder: np.ndarray | None = None,
+    settings: Settings | None = None,
 ) -> list[Passage]:
     """The passages to re-read for the question `running` ends with, within `budget`
-    tokens, best last (a small model reads what stands next to the question best)."""
+    tokens, best last (a small model reads what stands next to the question best); the
+    heads' attention is read with `settings` (default: the model's)."""
     if tree.tokens is None:
         raise ValueError(
             "this tree does not keep its tokens (saved by an older version): compress the "
             "context again to re-read it"
         )
-    starts, ends, scores = rank_passages(model, tree, running, question, term_of, remainder)
+    starts, ends, scores = rank_passages(
+        model, tree, running, question, term_of, remainder, settings
+    )
     passages = choose_passages(scores, starts, ends, budget)
     best = {p: scores[(starts >= p.start) & (ends <= p.end)].max() for p in passages}
     return sorted(passages, key=lambda p: (best[p], p.start))

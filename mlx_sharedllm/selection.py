@@ -15,16 +15,19 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .config import check_select_chunks
 from .model import SharedLLM
 from .reread import attention_profile
+from .settings import Settings, check_chunks_per_question
 from .tree import ContextTree, join_chunks
 
 
-def chunk_scores(model: SharedLLM, tree: ContextTree, running: np.ndarray) -> np.ndarray | None:
+def chunk_scores(
+    model: SharedLLM, tree: ContextTree, running: np.ndarray, settings: Settings | None = None
+) -> np.ndarray | None:
     """Per chunk, the largest share of attention that any injection head gives the
-    chunk's entries at the running text's last token; None when no injection runs."""
-    profile = attention_profile(model, tree, running)
+    chunk's entries at the running text's last token (read with `settings`, default the
+    model's); None when no injection runs."""
+    profile = attention_profile(model, tree, running, settings)
     if profile is None:
         return None
     return profile.reshape(len(profile), tree.n_chunks, -1).sum(-1).max(0)
@@ -46,15 +49,21 @@ def keep_chunks(tree: ContextTree, chunks: Sequence[int]) -> ContextTree:
 
 
 def keep_attended_chunks(
-    model: SharedLLM, tree: ContextTree, running: np.ndarray, keep: int
+    model: SharedLLM,
+    tree: ContextTree,
+    running: np.ndarray,
+    keep: int,
+    settings: Settings | None = None,
 ) -> ContextTree:
-    """The `keep` chunks of `tree` that the injection heads attend to most at the last
-    token of `running` (the text the model reads before answering), in context order.
-    The tree itself when it has no more than `keep` chunks or `keep` is 0."""
-    check_select_chunks(keep)
+    """The `keep` chunks of `tree` (a question's `Settings.chunks_per_question`) that the
+    injection heads attend to most at the last token of `running` (the text the model
+    reads before answering), in context order; the attention is read with `settings`
+    (default: the model's). The tree itself when it has no more than `keep` chunks or
+    `keep` is 0."""
+    check_chunks_per_question(keep)
     if keep == 0 or tree.n_chunks <= keep or len(running) == 0:
         return tree
-    scores = chunk_scores(model, tree, running)
+    scores = chunk_scores(model, tree, running, settings)
     if scores is None:
         return tree
     return keep_chunks(tree, np.sort(np.argsort(-scores, kind="stable")[:keep]))

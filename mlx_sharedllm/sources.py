@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import PASSAGE_TOKENS
 from .reread import Passage, attention_profile, tokens_in_order
+from .settings import PASSAGE_TOKENS, Settings
 from .tree import ContextTree
 
 TOP_SOURCES = 3
@@ -128,13 +128,15 @@ def find_sources(
     passages: Sequence[Passage] = (),
     offsets: TextOffsets | None = None,
     top: int = TOP_SOURCES,
+    settings: Settings | None = None,
 ) -> Sources:
     """The sources of an answer about `tree` (every chunk of the document) to the
     question that `running` ends with; `passages` (document spans, best last, as
-    re-reading chose them) were read again in full."""
+    re-reading chose them) were read again in full. The heads' attention is read with
+    `settings` (default: the model's)."""
     if tree.tokens is None:
         raise ValueError("this tree does not keep its tokens: compress the context again")
-    entries = attention_profile(model, tree, running)
+    entries = attention_profile(model, tree, running, settings)
     n = tree.n_chunks
     profile = np.zeros(n) if entries is None else chunk_profile(entries, n)
     remainder = np.zeros(0, np.int32) if tree.remainder is None else np.array(tree.remainder)

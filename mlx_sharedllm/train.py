@@ -30,12 +30,12 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 from tqdm import tqdm
 
 from .adapters import ADAPTER_FILES, GROUPS, load_adapter, save_adapter, set_trainable
-from .config import check_log_scale
 from .distractors import Distractors
 from .distributed import World
 from .io import FLOAT_DTYPES, write_atomically
 from .losses import AttentionTarget, example_loss, taught_heads
 from .model import SharedLLM
+from .settings import check_log_scale
 from .train_data import (
     SIGMA_SFT,
     DataError,
@@ -400,7 +400,8 @@ def train(
     current step with a checkpoint saved. `callback(StepInfo)` is called after each step.
     `stop_after` ends the run at that step of the schedule, as Ctrl-C would (checkpoint
     and adapter saved; `resume` continues it). `distractor_text` (token ids) is the text
-    of the distractor chunks when `config.distractor_chunks` is set.
+    of the distractor chunks when `config.distractor_chunks` is set. The model's settings
+    take `config.log_scale_entries` when it is given, as an adapter's would.
 
     `world` (see distributed.py): the processes `mlx.launch` started, which train data
     parallel with `grad_accum` examples each per step; rank 0 alone writes `out` and
@@ -414,7 +415,7 @@ def train(
     base = model.fingerprint()
     if config.log_scale_entries is not None:
         scale = config.log_scale_entries
-        model.config = dataclasses.replace(model.config, log_scale_entries=scale)
+        model.settings = dataclasses.replace(model.settings, log_scale_entries=scale)
     if config.dtype:
         model.set_dtype(FLOAT_DTYPES[config.dtype])
     set_trainable(model, config.train, config.injection_layers)

@@ -389,7 +389,7 @@ def noise_splits(model: SharedLLM, sigma: float, rng: np.random.Generator) -> li
     """The split sizes of one tree with noise `sigma`; None without noise."""
     if sigma <= 0:
         return None
-    return draw_splits(model.config.chunk_len, model.config.tree_depth, sigma, rng)
+    return draw_splits(model.config.chunk_len, model.settings.tree_depth, sigma, rng)
 
 
 def compress_example(model: SharedLLM, example: Example, splits: list[int] | None):

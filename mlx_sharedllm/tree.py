@@ -24,30 +24,33 @@ from .config import check_int
 HalfChooser = Callable[[np.ndarray, int], np.ndarray]
 
 
-def keep_count(length: int, last_p: int | float) -> int:
-    """Tokens to keep from a segment of `length`: an int > 0 keeps that many, a float
-    keeps `int(length * last_p)`, an int <= 0 keeps all."""
-    if isinstance(last_p, float):
-        return int(length * last_p)
-    return last_p if last_p > 0 else length
+def keep_count(length: int, tokens: int | None = 0, fraction: float | None = None) -> int:
+    """Tokens to keep from a segment of `length`: `int(length * fraction)` when a fraction
+    is given, else `tokens` when > 0, else all (SPEC's last_p, as Settings holds it)."""
+    if fraction is not None:
+        return int(length * fraction)
+    return tokens if tokens > 0 else length
 
 
-def downsample_index(length: int, last_p: int | float) -> np.ndarray:
-    """Positions kept by downsampling: every `length // t`-th token, from the first.
+def downsample_index(
+    length: int, tokens: int | None = 0, fraction: float | None = None
+) -> np.ndarray:
+    """Positions kept by downsampling: every `length // t`-th token, from the first, for
+    t = keep_count(length, tokens, fraction).
 
     This keeps more than t positions when t does not divide `length`, as the
     released code does. A keep count of 0, or one above `length`, keeps everything.
     """
-    return np.arange(0, length, _interval(length, last_p))
+    return np.arange(0, length, _interval(length, tokens, fraction))
 
 
-def downsample_count(length: int, last_p: int | float) -> int:
-    """len(downsample_index(length, last_p)), without listing the positions."""
-    return -(-length // _interval(length, last_p))
+def downsample_count(length: int, tokens: int | None = 0, fraction: float | None = None) -> int:
+    """len(downsample_index(length, tokens, fraction)), without listing the positions."""
+    return -(-length // _interval(length, tokens, fraction))
 
 
-def _interval(length: int, last_p: int | float) -> int:
-    return max(1, length // max(1, keep_count(length, last_p)))
+def _interval(length: int, tokens: int | None, fraction: float | None) -> int:
+    return max(1, length // max(1, keep_count(length, tokens, fraction)))
 
 
 def pick_halves(left: np.ndarray, right: np.ndarray, layout: str) -> np.ndarray:

@@ -1,5 +1,6 @@
 """The tree cache: storage formats, blocked attention, and what quantizing the tree costs."""
 
+import dataclasses
 import shutil
 
 import mlx.core as mx
@@ -95,7 +96,8 @@ def _logits(model, tree, prompt):
 
 def _quantized_drift(model, context, prompt, bits, group):
     float_tree = model.compress(context, prompt)
-    tree = model.compress(context, prompt, tree_format=TreeFormat("float32", bits, group))
+    quantized = dataclasses.replace(model.settings, tree_format=TreeFormat("float32", bits, group))
+    tree = model.compress(context, prompt, settings=quantized)
     a, b = _logits(model, float_tree, prompt), _logits(model, tree, prompt)
     diff = np.abs(a - b)
     top1 = (a.argmax(-1) == b.argmax(-1)).mean()

@@ -23,6 +23,7 @@ from mlx_sharedllm.adapters import (
 from mlx_sharedllm.cli.main import cli
 from mlx_sharedllm.config import SharedLLMConfig
 from mlx_sharedllm.plan import PlanSettings, generation_bytes, plan_for_shape, shape_config
+from mlx_sharedllm.settings import read_config
 from mlx_sharedllm.tree import UNCHECKED_FORMAT, checksum, token_hash
 
 CHUNK = 32
@@ -384,7 +385,7 @@ def tiny_config(**changes) -> dict:
 def test_bad_configs_are_refused(changes, message):
     start = time.perf_counter()
     with pytest.raises(ValueError, match=re.escape(message)):
-        SharedLLMConfig.from_dict(tiny_config(**changes))
+        read_config(tiny_config(**changes))
     assert time.perf_counter() - start < 1
 
 

@@ -102,7 +102,7 @@ def test_distractors_need_movable_chunks_and_enough_text():
 
 def _attention_in(model, example, tree, first: int, head: int) -> float:
     tap = AttentionTap(mx.array([1]))
-    model.model(mx.array(example.inputs[None]), tree, [None] * len(model.layers), tap)
+    model.hidden_states(mx.array(example.inputs[None]), tree, tap=tap)
     entry = first * tree.chunk_len + int(example.attend[0, 1])
     return mx.exp(tap.logprobs[1][0, head, 0, entry]).item()
 
@@ -181,9 +181,7 @@ def test_log_scale_sharpens_every_injection_by_the_trees_entries():
     inputs = mx.array([[1, 2, 3, 4]])
     tree = model.compress(context, mx.array([1]))
     plain = model(inputs, tree=tree)
-    model.config = dataclasses.replace(model.config, log_scale_entries=16)
-    sharpened = model(inputs, tree=tree)
-    model.config = dataclasses.replace(model.config, log_scale_entries=0)
+    sharpened = model(inputs, tree=tree, settings=_log_scaled(model, 16))
     for i in range(2):
         model.layers[i].cross_attn.scale *= log_scale(128, 16)  # 1.75
     by_hand = model(inputs, tree=tree)
@@ -191,10 +189,12 @@ def test_log_scale_sharpens_every_injection_by_the_trees_entries():
     assert mx.allclose(sharpened, by_hand, atol=1e-5)
     for i in range(2):
         model.layers[i].cross_attn.scale /= log_scale(128, 16)
-    model.config = dataclasses.replace(
-        model.config, log_scale_entries=128
-    )  # no sharper on trees of at most 128 entries
-    assert mx.allclose(model(inputs, tree=tree), plain, atol=1e-6)
+    at_most = model(inputs, tree=tree, settings=_log_scaled(model, 128))
+    assert mx.allclose(at_most, plain, atol=1e-6)  # no sharper on trees of at most 128 entries
+
+
+def _log_scaled(model, entries: int):
+    return dataclasses.replace(model.settings, log_scale_entries=entries)
 
 
 def test_an_adapter_keeps_the_scale_it_was_trained_with(tmp_path):
@@ -203,12 +203,12 @@ def test_an_adapter_keeps_the_scale_it_was_trained_with(tmp_path):
     example = _evidence_example(np.random.default_rng(5))
     config = TrainConfig(steps=1, grad_accum=1, injection_layers=(1,), log_scale_entries=64)
     train(model, Repeat(example), tmp_path, config, progress=False)
-    assert model.config.log_scale_entries == 64 and model.fingerprint() != before  # trained
+    assert model.settings.log_scale_entries == 64 and model.fingerprint() != before  # trained
     assert json.loads((tmp_path / "adapter.json").read_text())["log_scale_entries"] == 64
     fresh = movable_model()
     assert fresh.fingerprint() == before
     load_adapter(fresh, tmp_path)  # the scale is not part of the base's fingerprint
-    assert fresh.config.log_scale_entries == 64
+    assert fresh.settings.log_scale_entries == 64
     with pytest.raises(ValueError, match="log_scale_entries must be 0"):
         TrainConfig(log_scale_entries=1)
 

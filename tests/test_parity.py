@@ -6,8 +6,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import CASES, FIXTURES, assert_close
+from mlx.utils import tree_flatten
 
-from mlx_sharedllm import load
+from mlx_sharedllm import SharedLLM, load
 from mlx_sharedllm.kernels import rotate_at
 from mlx_sharedllm.tree import chunk_positions
 
@@ -20,9 +21,11 @@ def _inputs(case):
 
 
 def _load(converted, case, layout):
-    model, tokenizer = load(converted[case])
+    """The converted model, as a model of `layout` with the same weights and settings."""
+    loaded, tokenizer = load(converted[case])
     assert tokenizer is None
-    model.config = dataclasses.replace(model.config, layout=layout)
+    model = SharedLLM(dataclasses.replace(loaded.config, layout=layout), loaded.settings)
+    model.load_weights(tree_flatten(loaded.parameters()))
     return model
 
 

@@ -1,6 +1,7 @@
 """The memory planner: exact sizes against what MLX allocates, the peak against a measured
 run, the refusal, and `mlx-sharedllm plan`."""
 
+import dataclasses
 import importlib.util
 import shutil
 import sys
@@ -87,10 +88,11 @@ def test_tree_is_what_compress_allocates(bits):
     )  # head_dim 32: one quantization group
     model = tiny_model(upper=llama, lower=None, last_p=4, chunk_len=32, compress_batch=2)
     fmt = TreeFormat("float32", bits, 32)
-    tree = model.compress(random_tokens(7 * 32 + 5, 1), random_tokens(9, 2), tree_format=fmt)
+    stored = dataclasses.replace(model.settings, tree_format=fmt)
+    tree = model.compress(random_tokens(7 * 32 + 5, 1), random_tokens(9, 2), settings=stored)
     weights = weight_bytes(model.config, None, "float32")
     settings = PlanSettings(7 * 32 + 5, "float32", bits, tree_group_size=32)
-    plan = make_plan(model.config, settings, weights)
+    plan = make_plan(model.config, model.settings, settings, weights)
     assert plan.tree_entries == tree.num_entries and plan.tree_cache == tree.nbytes
 
 

@@ -11,7 +11,6 @@ from test_generate import book, loaded, spm_model  # noqa: F401  (fixtures)
 from test_long_trees import movable_model
 
 from mlx_sharedllm.adapters import load_adapter, save_adapter
-from mlx_sharedllm.config import PASSAGE_TOKENS, SharedLLMConfig
 from mlx_sharedllm.distractors import arrange
 from mlx_sharedllm.generate import (
     REREAD_MESSAGE,
@@ -33,6 +32,7 @@ from mlx_sharedllm.reread import (
     tokens_in_order,
 )
 from mlx_sharedllm.selection import keep_chunks
+from mlx_sharedllm.settings import PASSAGE_TOKENS, Settings
 from mlx_sharedllm.tree import ContextTree
 
 RUNNING = np.array([1, 2, 3], np.int32)
@@ -178,8 +178,9 @@ def test_generate_reads_the_passages_in_the_users_message(loaded, book):  # noqa
     tree = model.compress(mx.array(ids), mx.array(prompt_ids))
     running = np.concatenate([np.array(tree.remainder), prompt_ids])
     budget = 2 * PASSAGE_TOKENS
+    rereading = dataclasses.replace(model.settings, reread_tokens=budget)
     responses = list(
-        stream_generate(model, tokenizer, prompt, tree, max_tokens=4, reread_tokens=budget)
+        stream_generate(model, tokenizer, prompt, tree, max_tokens=4, settings=rereading)
     )
     last = responses[-1]
     assert last.passages and 0 < last.reread_tokens <= budget
@@ -197,7 +198,8 @@ def test_generate_reads_the_passages_in_the_users_message(loaded, book):  # noqa
     assert generate(model, tokenizer, window.tolist(), max_tokens=4) == "".join(
         r.text for r in responses
     )
-    plain = list(stream_generate(model, tokenizer, prompt, tree, max_tokens=4, reread_tokens=0))
+    no_reread = dataclasses.replace(model.settings, reread_tokens=0)
+    plain = list(stream_generate(model, tokenizer, prompt, tree, max_tokens=4, settings=no_reread))
     assert plain[-1].passages == () and plain[-1].reread_tokens == 0
 
 
@@ -205,21 +207,22 @@ def test_a_tree_without_tokens_is_read_without_rereading(loaded, book):  # noqa:
     model, tokenizer = loaded
     ids = tokenizer.encode(book.read_text(), add_special_tokens=False)
     tree = dataclasses.replace(model.compress(mx.array(ids), mx.array([1, 2])), tokens=None)
+    rereading = dataclasses.replace(model.settings, reread_tokens=256)
     with pytest.warns(UserWarning, match="does not keep its tokens"):
         responses = list(
-            stream_generate(model, tokenizer, "Who?", tree, max_tokens=2, reread_tokens=256)
+            stream_generate(model, tokenizer, "Who?", tree, max_tokens=2, settings=rereading)
         )
     assert responses[-1].reread_tokens == 0
 
 
-def test_the_config_checks_the_budget_and_adapters_carry_it(tmp_path):
-    base = movable_model().config.to_dict()
+def test_the_settings_check_the_budget_and_adapters_carry_it(tmp_path):
+    base = movable_model().config_dict()
     for bad in (-1, 5, 1.5):
         with pytest.raises(ValueError, match="reread_tokens"):
-            SharedLLMConfig.from_dict({**base, "reread_tokens": bad})
+            Settings.from_dict({**base, "reread_tokens": bad})
     model = movable_model()
     before = model.fingerprint()
-    model.config = dataclasses.replace(model.config, reread_tokens=512)
+    model.settings = dataclasses.replace(model.settings, reread_tokens=512)
     assert model.fingerprint() == before  # an inference setting, not the weights
     model.freeze()
     model.layers[0].cross_attn.unfreeze()
@@ -227,7 +230,7 @@ def test_the_config_checks_the_budget_and_adapters_carry_it(tmp_path):
     assert json.loads((tmp_path / "adapter.json").read_text())["reread_tokens"] == 512
     fresh = movable_model()
     load_adapter(fresh, tmp_path)
-    assert fresh.config.reread_tokens == 512
+    assert fresh.settings.reread_tokens == 512
 
 
 def test_cli_reread_tokens(spm_model, book):  # noqa: F811
@@ -272,8 +275,9 @@ def test_no_room_in_the_window_reads_the_tree_without_rereading(loaded, book):  
     model, tokenizer = loaded
     ids = tokenizer.encode(book.read_text(), add_special_tokens=False)
     window = model.args.max_position_embeddings
+    rereading = dataclasses.replace(model.settings, reread_tokens=256)
     responses = list(
-        stream_generate(model, tokenizer, "Who?", ids, max_tokens=window, reread_tokens=256)
+        stream_generate(model, tokenizer, "Who?", ids, max_tokens=window, settings=rereading)
     )
     assert responses[-1].passages == () and responses[-1].reread_tokens == 0
 

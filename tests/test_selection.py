@@ -14,16 +14,17 @@ from test_train import facts_model
 
 from mlx_sharedllm.adapters import load_adapter, save_adapter
 from mlx_sharedllm.cache import TreeFormat
-from mlx_sharedllm.config import SharedLLMConfig
 from mlx_sharedllm.generate import encode_prompt, generate, stream_generate
 from mlx_sharedllm.selection import chunk_scores, keep_attended_chunks, keep_chunks
+from mlx_sharedllm.settings import Settings
 
 RUNNING = np.array([1, 2, 3], np.int32)
 
 
 def _tree(model, n=6, seed=0, fmt=None):
     tokens = np.random.default_rng(seed).integers(13, 64, n * 64 + 5).astype(np.int32)
-    return model.compress(mx.array(tokens), mx.array(RUNNING), tree_format=fmt)
+    settings = dataclasses.replace(model.settings, tree_format=fmt)
+    return model.compress(mx.array(tokens), mx.array(RUNNING), settings=settings)
 
 
 @pytest.mark.parametrize("bits", [None, 8])
@@ -53,7 +54,7 @@ def test_keeping_every_chunk_changes_nothing():
     assert mx.array_equal(a, b).item()
     assert keep_attended_chunks(model, tree, RUNNING, 0) is tree
     assert keep_attended_chunks(model, tree, RUNNING, tree.n_chunks) is tree
-    with pytest.raises(ValueError, match="select_chunks must be 0"):
+    with pytest.raises(ValueError, match=r"select_chunks\) must be 0"):
         keep_attended_chunks(model, tree, RUNNING, -1)
 
 
@@ -96,7 +97,8 @@ def test_generate_answers_from_the_selected_chunks(loaded, book):  # noqa: F811
     text = book.read_text()
     responses = list(stream_generate(model, tokenizer, "Who?", text, max_tokens=4))
     assert responses[-1].chunks_read == responses[-1].chunks > 2
-    picked = list(stream_generate(model, tokenizer, "Who?", text, max_tokens=4, select_chunks=2))
+    two = dataclasses.replace(model.settings, chunks_per_question=2)
+    picked = list(stream_generate(model, tokenizer, "Who?", text, max_tokens=4, settings=two))
     assert picked[-1].chunks_read == 2 and picked[-1].chunks == responses[-1].chunks
     # The same as handing generate the selected tree.
     ids = tokenizer.encode(text, add_special_tokens=False)
@@ -108,11 +110,11 @@ def test_generate_answers_from_the_selected_chunks(loaded, book):  # noqa: F811
         r.text for r in picked
     )
     # The model's own setting is the default.
-    model.config = dataclasses.replace(model.config, select_chunks=2)
+    before, model.settings = model.settings, two
     try:
         default = list(stream_generate(model, tokenizer, "Who?", text, max_tokens=4))
     finally:
-        model.config = dataclasses.replace(model.config, select_chunks=0)
+        model.settings = before
     assert default[-1].chunks_read == 2
 
 
@@ -125,10 +127,10 @@ def test_cli_select_chunks(spm_model, book):  # noqa: F811
     assert bad.exit_code != 0 and "-1" in bad.output
 
 
-def test_adapters_carry_the_selection_and_the_config_checks_it(tmp_path):
+def test_adapters_carry_the_selection_and_the_settings_check_it(tmp_path):
     model = movable_model()
     before = model.fingerprint()
-    model.config = dataclasses.replace(model.config, select_chunks=8)
+    model.settings = dataclasses.replace(model.settings, chunks_per_question=8)
     assert model.fingerprint() == before  # not a property of the weights
     model.freeze()
     model.layers[0].cross_attn.unfreeze()
@@ -136,7 +138,8 @@ def test_adapters_carry_the_selection_and_the_config_checks_it(tmp_path):
     assert json.loads((tmp_path / "adapter.json").read_text())["select_chunks"] == 8
     fresh = movable_model()
     load_adapter(fresh, tmp_path)
-    assert fresh.config.select_chunks == 8
-    config = dataclasses.asdict(fresh.config)
-    with pytest.raises(ValueError, match="select_chunks must be 0"):
-        SharedLLMConfig(**{**config, "select_chunks": -2})
+    assert fresh.settings.chunks_per_question == 8
+    with pytest.raises(ValueError, match=r"select_chunks\) must be 0"):
+        dataclasses.replace(fresh.settings, chunks_per_question=-2)
+    with pytest.raises(ValueError, match=r"select_chunks\) must be 0"):
+        Settings.from_dict({"select_chunks": -2})

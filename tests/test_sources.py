@@ -2,6 +2,7 @@
 
 # ruff: noqa: F811  (pytest fixtures imported from test_generate)
 
+import dataclasses
 import io
 
 import mlx.core as mx
@@ -121,11 +122,13 @@ def test_no_sources_cost_nothing(loaded, book, monkeypatch):  # noqa: F811
     monkeypatch.setattr(
         "mlx_sharedllm.sources.attention_profile", lambda *a: calls.append(1) or None
     )
-    text = book.read_text()
-    plain = list(stream_generate(model, tokenizer, "Who?", text, max_tokens=2, reread_tokens=0))
+    text, no_reread = book.read_text(), dataclasses.replace(model.settings, reread_tokens=0)
+    plain = list(stream_generate(model, tokenizer, "Who?", text, max_tokens=2, settings=no_reread))
     assert plain[-1].sources is None and not calls
     asked = list(
-        stream_generate(model, tokenizer, "Who?", text, max_tokens=2, reread_tokens=0, sources=True)
+        stream_generate(
+            model, tokenizer, "Who?", text, max_tokens=2, settings=no_reread, sources=True
+        )
     )
     assert asked[-1].sources is not None and calls == [1]
 

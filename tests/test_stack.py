@@ -118,7 +118,7 @@ def test_named_heads_give_only_their_layers_an_injection(hf_llama, tmp_path):
     path = tmp_path / "tree.safetensors"
     tree.save(path)
     assert_close(model(prompt, tree=load_context(path, model)), model(prompt, tree=tree), 1e-6)
-    both = SharedLLM(dataclasses.replace(model.config, injection_layers=(0, 1)))
+    both = SharedLLM(dataclasses.replace(model.config, injection_layers=(0, 1)), model.settings)
     weights = dict(tree_flatten(model.parameters()))
     for name, value in tree_flatten(both.layers[0].cross_attn.parameters()):
         weights[f"model.layers.0.cross_attn.{name}"] = mx.zeros_like(value)

@@ -20,12 +20,13 @@ from click.testing import CliRunner
 from conftest import SPM_TOKENIZER, run_cli, write_hf_llama
 from mlx.utils import tree_flatten
 
-from mlx_sharedllm import SharedLLM, SharedLLMConfig, load, train_data
+from mlx_sharedllm import SharedLLM, load, train_data
 from mlx_sharedllm.adapters import fuse, load_adapter, read_adapter, save_adapter, set_trainable
 from mlx_sharedllm.cli.train_cli import fuse_command, train_command
 from mlx_sharedllm.generate import generate
 from mlx_sharedllm.losses import example_loss
 from mlx_sharedllm.model import AttentionTap
+from mlx_sharedllm.settings import read_config
 from mlx_sharedllm.train import TrainConfig, make_optimizer, train
 from mlx_sharedllm.train_data import (
     DataError,
@@ -80,7 +81,7 @@ class Facts:
 
 def facts_model(seed: int = 0, **tree) -> SharedLLM:
     """A random SharedLLM: upper 3 layers, a separate random 2-layer lower model, M = 2;
-    `tree` overrides the tree settings."""
+    `tree` overrides config.json's keys (the tree settings, chunk_len, injection_layers)."""
     llama = dict(
         hidden_size=64,
         num_hidden_layers=3,
@@ -91,7 +92,7 @@ def facts_model(seed: int = 0, **tree) -> SharedLLM:
         vocab_size=VOCAB,
         tie_word_embeddings=False,
     )
-    config = SharedLLMConfig(
+    params = dict(
         upper=llama,
         lower={**llama, "num_hidden_layers": 2},
         num_injection_layers=2,
@@ -100,9 +101,8 @@ def facts_model(seed: int = 0, **tree) -> SharedLLM:
         chunk_len=CHUNK,
         policy="query",
     )
-    config = SharedLLMConfig(**{**config.__dict__, **tree}) if tree else config
     mx.random.seed(seed)
-    model = SharedLLM(config)
+    model = SharedLLM(*read_config({**params, **tree}))
     mx.eval(model.parameters())
     return model
 
@@ -264,7 +264,7 @@ def test_noisy_trees_are_regular_and_cover_their_chunk():
         for start, length in zip(plan.start[j], plan.lengths):
             covered[start : start + length] += 1
         assert covered.max() == 1 and covered.sum() == 63  # the odd last node drops one
-    model.config = dataclasses.replace(model.config, tree_depth=3)
+    model.settings = dataclasses.replace(model.settings, tree_depth=3)
     context, query = mx.array(facts_context(np.random.default_rng(0))[0]), mx.array([Q, 1])
     tree = model.compress(context, query, splits=sizes)
     assert tree.entries_per_chunk == sum(len(downsample_index(n, 4)) for n in plan.lengths)
@@ -417,7 +417,7 @@ def test_adapter_from_train_works_in_generate_and_fuse(zero_model, tmp_path):
     model, tokenizer = load(zero_model)
     base = model(mx.array([[5, 6, 7]]), tree=model.compress(mx.arange(64) % 300, mx.array([5])))
     meta = load_adapter(model, out)
-    assert model.config.injection == "trained" and meta["step"] == 2
+    assert model.injection == "trained" and meta["step"] == 2
     tree = model.compress(mx.arange(64) % 300, mx.array([5]))
     adapted = model(mx.array([[5, 6, 7]]), tree=tree)
     assert not mx.allclose(base, adapted)
@@ -429,7 +429,7 @@ def test_adapter_from_train_works_in_generate_and_fuse(zero_model, tmp_path):
     result = CliRunner().invoke(fuse_command, [str(out), str(fused), "--model", str(zero_model)])
     assert result.exit_code == 0, result.output
     reloaded, _ = load(fused)
-    assert reloaded.config.injection == "trained"
+    assert reloaded.injection == reloaded.config.injection == "trained"
     assert mx.allclose(reloaded(mx.array([[5, 6, 7]]), tree=tree), adapted, atol=1e-5)
     with pytest.raises(FileExistsError):
         fuse(zero_model, out, fused)
@@ -673,16 +673,23 @@ def test_attention_heads_must_be_training_heads(zero_model, tmp_path):
     assert result.exit_code == 2 and "heads must look like '17.3,18.6'" in result.output
 
 
-def test_the_description_is_frozen_and_shared_with_the_upper_model(tmp_path):
-    """A loaded model's config cannot change in place; an adapter's settings make a new
-    one, which the upper model (that applies the log scale) reads too."""
+def test_the_description_is_never_replaced_and_adapters_carry_settings(tmp_path):
+    """A model's description cannot change, in place or by replacing it; an adapter's
+    settings become the model's settings, which decoding (and its log scale) reads."""
     model = facts_model()
     with pytest.raises(dataclasses.FrozenInstanceError):
         model.config.chunk_len = 64
+    with pytest.raises(AttributeError):
+        model.config = dataclasses.replace(model.config, chunk_len=64)
     set_trainable(model, ("injection",))
-    model.config = dataclasses.replace(model.config, log_scale_entries=16)
+    model.settings = dataclasses.replace(model.settings, log_scale_entries=16)
     save_adapter(tmp_path / "a", model, model.fingerprint())
     fresh = facts_model()
+    config, inputs = fresh.config, mx.array([[5, 6, 7]])
+    tree = fresh.compress(mx.arange(4 * CHUNK) % VOCAB, mx.array([5]))
+    sharpened = fresh(inputs, tree, settings=model.settings)
     load_adapter(fresh, tmp_path / "a", check_fingerprint=False)
-    assert fresh.config.log_scale_entries == fresh.model.config.log_scale_entries == 16
-    assert fresh.config.injection == "trained"
+    assert fresh.config is config and fresh.settings.log_scale_entries == 16
+    assert fresh.injection == "trained" and tree.num_entries > 16
+    assert mx.allclose(fresh(inputs, tree), sharpened)
+    assert not mx.allclose(fresh(inputs, tree, settings=facts_model().settings), sharpened)

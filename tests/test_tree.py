@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_sharedllm import SharedLLM, SharedLLMConfig
+from mlx_sharedllm import SharedLLM
+from mlx_sharedllm.settings import read_config
 from mlx_sharedllm.tree import downsample_index, keep_count, leaf_rows, pick_halves, plan_segments
 
 VOCAB = 97
@@ -37,7 +38,7 @@ def tiny_model(seed: int = 0, **overrides) -> SharedLLM:
         compress_batch=3,
     )
     mx.random.seed(seed)
-    model = SharedLLM(SharedLLMConfig.from_dict({**params, **overrides}))
+    model = SharedLLM(*read_config({**params, **overrides}))
     mx.eval(model.parameters())
     return model
 
@@ -47,20 +48,24 @@ def random_tokens(shape, seed):
 
 
 def expected_entries(chunk_len, depth, last_p):
+    """Entries per chunk for config.json's `last_p` (an int counts, a float is a fraction)."""
+    kept = (None, last_p) if isinstance(last_p, float) else (last_p, None)
     sizes, length = [], chunk_len
     for _ in range(depth - 1):
         length //= 2
-        sizes.append(len(downsample_index(length, last_p)))
+        sizes.append(len(downsample_index(length, *kept)))
     leaf = length // 2
-    return 2 * len(downsample_index(leaf, last_p)) + sum(sizes)
+    return 2 * len(downsample_index(leaf, *kept)) + sum(sizes)
 
 
 def test_downsample_rules():
     assert list(downsample_index(512, 32)) == list(range(0, 512, 16))
     assert list(downsample_index(6, 4)) == [0, 1, 2, 3, 4, 5]  # 6 // 4 = 1 keeps all 6
-    assert list(downsample_index(16, 0.25)) == [0, 4, 8, 12]
+    assert list(downsample_index(16, fraction=0.25)) == [0, 4, 8, 12]
     assert list(downsample_index(10, 0)) == list(range(10))
-    assert keep_count(10, -1) == 10 and keep_count(10, 3) == 3 and keep_count(10, 0.5) == 5
+    assert keep_count(10, -1) == 10 and keep_count(10, 3) == 3
+    assert keep_count(10, fraction=0.5) == 5
+    assert keep_count(10, 1) == 1 and keep_count(10, fraction=1.0) == 10  # 1 is not 1.0
 
 
 def test_reference_pairing_and_leaf_regrouping():
@@ -151,8 +156,8 @@ def test_batching_does_not_change_the_tree():
     trees = []
     for batch in (1, 3, 16):
         model = tiny_model()
-        model.config = dataclasses.replace(model.config, compress_batch=batch)
-        trees.append(model.compress(context, query))
+        batched = dataclasses.replace(model.settings, compress_batch=batch)
+        trees.append(model.compress(context, query, settings=batched))
     for t in trees[1:]:
         for a, b in zip(trees[0].keys + trees[0].values, t.keys + t.values):
             np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5)

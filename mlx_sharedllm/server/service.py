@@ -7,6 +7,7 @@ Every method that takes a `job` runs on the worker thread (engine.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import time
 from dataclasses import dataclass, field
@@ -83,6 +84,7 @@ class Service:
             tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
         )
         self.fingerprint = model.fingerprint()
+        self.settings = model.settings
         self.window = model.args.max_position_embeddings or 0
         self.chunk_len = model.config.chunk_len
         self.compressions = 0
@@ -143,7 +145,9 @@ class Service:
 
         tic = time.perf_counter()
         ids = mx.array(ids)
-        tree = self.model.compress(ids, ids[:1], progress, stored_format(self.model))
+        # Trees are compressed once and kept, in the store's format.
+        settings = dataclasses.replace(self.settings, tree_format=stored_format(self.model))
+        tree = self.model.compress(ids, ids[:1], progress, settings=settings)
         self.compressions += 1
         return tree, time.perf_counter() - tic
 
@@ -302,6 +306,7 @@ class Service:
             prompt,
             context.source,
             chat_template=template,
+            settings=self.settings,
             sources=ask.sources,
             **ask.sampling.options(max_tokens),
         )
