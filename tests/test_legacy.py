@@ -20,11 +20,16 @@ from mlx_sharedllm.settings import Settings
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
 
 
+def _outputs(folder: Path) -> tuple[dict, dict]:
+    """The arrays and facts that make_*.py recorded beside the files in `folder`."""
+    return dict(np.load(folder / "expected.npz")), json.loads(
+        (folder / "expected.json").read_text()
+    )
+
+
 @pytest.fixture(scope="module")
 def expected():
-    return dict(np.load(LEGACY / "expected.npz")), json.loads(
-        (LEGACY / "expected.json").read_text()
-    )
+    return _outputs(LEGACY)
 
 
 def test_a_legacy_model_keeps_its_fingerprint_and_outputs(expected):
@@ -67,9 +72,7 @@ SETTINGS = Path(__file__).parent / "fixtures" / "settings"
 
 @pytest.fixture(scope="module")
 def settings_expected():
-    return dict(np.load(SETTINGS / "expected.npz")), json.loads(
-        (SETTINGS / "expected.json").read_text()
-    )
+    return _outputs(SETTINGS)
 
 
 def test_a_folders_settings_are_read_from_its_config(settings_expected):
