@@ -60,6 +60,7 @@ from mlx_sharedllm.generate import (  # noqa: E402
 from mlx_sharedllm.loading import load, migrated_tree  # noqa: E402
 from mlx_sharedllm.tree import ContextTree  # noqa: E402
 
+# Greedy answers stop at EOS or at MAX_TOKENS per value asked (a multivalue answer lists 3).
 MAX_TOKENS = 40
 SYSTEMS = ("sharedllm", "tree", "reread+tree", "oracle", "truncate")
 
@@ -135,12 +136,14 @@ def haystack_tree(model, base: ContextTree | None, ids: np.ndarray, changed: set
 # -- answering ------------------------------------------------------------------------
 
 
-def greedy(model, tokenizer, tree, prompt: np.ndarray, cache: list) -> str:
+def greedy(
+    model, tokenizer, tree, prompt: np.ndarray, cache: list, max_tokens: int = MAX_TOKENS
+) -> str:
     """The greedy answer to `prompt` after what `cache` holds; the cache is left as it was."""
     before = cache[0].offset
     tokens = []
     steps = generate_step(
-        mx.array(prompt), WithTree(model, tree), max_tokens=MAX_TOKENS, prompt_cache=cache
+        mx.array(prompt), WithTree(model, tree), max_tokens=max_tokens, prompt_cache=cache
     )
     for token, _ in steps:
         if token in tokenizer.eos_token_ids:
@@ -157,12 +160,13 @@ class Systems:
         self.model, self.tokenizer = model, tokenizer
         self.reread = model.settings.reread_tokens if reread_tokens is None else reread_tokens
         self.window = model.args.max_position_embeddings
+        self.max_tokens = MAX_TOKENS
 
     def sharedllm(self, tree, ids, prompt: str, chunks) -> tuple[str, list]:
         """The answer, and the passages it re-read."""
         responses = list(
             stream_generate(
-                self.model, self.tokenizer, prompt, context=tree, max_tokens=MAX_TOKENS,
+                self.model, self.tokenizer, prompt, context=tree, max_tokens=self.max_tokens,
                 settings=self._settings(self.reread),
             )
         )  # fmt: skip
@@ -170,7 +174,7 @@ class Systems:
 
     def tree(self, tree, ids, prompt: str, chunks) -> str:
         return generate(
-            self.model, self.tokenizer, prompt, context=tree, max_tokens=MAX_TOKENS,
+            self.model, self.tokenizer, prompt, context=tree, max_tokens=self.max_tokens,
             settings=self._settings(0),
         )  # fmt: skip
 
@@ -181,12 +185,14 @@ class Systems:
     def reread_tree(self, tree, ids, prompt: str, chunks) -> str:
         p = encode_prompt(self.tokenizer, prompt)
         _, running = reread_passages(self.model, self.tokenizer, tree, p, prompt, self.reread)
-        return greedy(self.model, self.tokenizer, tree, running, self.model.make_cache())
+        return greedy(
+            self.model, self.tokenizer, tree, running, self.model.make_cache(), self.max_tokens
+        )
 
     def oracle(self, tree, ids, prompt: str, chunks) -> str:
         chunk_len = self.model.config.chunk_len
         p = oracle_window(ids, chunks, chunk_len, encode_prompt(self.tokenizer, prompt))
-        return greedy(self.model, self.tokenizer, None, p, self.model.make_cache())
+        return greedy(self.model, self.tokenizer, None, p, self.model.make_cache(), self.max_tokens)
 
 
 def oracle_window(ids: np.ndarray, chunks, chunk_len: int, prompt: np.ndarray) -> np.ndarray:
@@ -203,6 +209,7 @@ class Truncated:
         self.model, self.tokenizer = model, tokenizer
         self.start = max(0, len(ids) - room)
         self.ids, self.cache = ids, None
+        self.max_tokens = MAX_TOKENS
 
     def sees(self, spans) -> bool:
         return any(end > self.start for _, end in spans)
@@ -212,7 +219,7 @@ class Truncated:
             self.cache = self.model.make_cache()
             prefill(self.model, self.ids[self.start :], self.cache)
         p = encode_prompt(self.tokenizer, prompt)
-        return greedy(self.model, self.tokenizer, None, p, self.cache)
+        return greedy(self.model, self.tokenizer, None, p, self.cache, self.max_tokens)
 
 
 # -- the run --------------------------------------------------------------------------
@@ -237,11 +244,17 @@ def record(out: Path | None, row: dict) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def answer_tokens(question) -> int:
+    """The longest answer, in tokens: MAX_TOKENS per value the question asks for."""
+    return MAX_TOKENS * max(1, len(getattr(question, "answers", ())))
+
+
 def ask_all(ctx: dict, questions, systems: list[str], runner: Systems, truncated, done, out):
     """Every system on every question about one context."""
     for qi, q in enumerate(questions):
         spans = [ctx["spans"][i] for i in q.facts] if hasattr(q, "facts") else ctx["book_spans"][qi]
         chunks = [s // runner.model.config.chunk_len for s, _ in spans]
+        runner.max_tokens = truncated.max_tokens = answer_tokens(q)
         for system in systems:
             key = f"{ctx['key']}|{qi}|{system}"
             if key in done:

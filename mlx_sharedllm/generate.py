@@ -22,7 +22,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .model import SharedLLM
-from .reread import Passage, choose, focus, rare_words, token_terms
+from .reread import REREAD_SEPARATOR, Passage, choose, question_words, reread_text, token_terms
 from .selection import keep_attended_chunks
 from .settings import Settings
 from .sources import Sources, TextOffsets, document_passages, find_sources, tokenize_with_offsets
@@ -31,8 +31,6 @@ from .tree import ContextTree, check_token_ids
 # progress(stage, done, total): stage "tokenize" counts characters, "compress" chunks.
 Progress = Callable[[str, int, int], None]
 PIECE_CHARS = 1 << 20
-# Between re-read passages that do not touch in the document.
-REREAD_SEPARATOR = "\n[...]\n"
 # The user's message when passages are re-read (on the dev split this framing beat the
 # passages and the question alone: benchmarks/results/suite_dev_variants.log).
 REREAD_MESSAGE = "Read the text and answer the question.\n\nText:\n{passages}\n\nQuestion: {prompt}"
@@ -317,9 +315,9 @@ def reread_passages(
 ) -> tuple[list[Passage], np.ndarray]:
     """The passages of the context (the tree's tokens, then the remainder) that the
     question points at, and the running text that reads them: in the user's message ahead
-    of the question, the passages cut down to their sentences that hold the most of
-    the question's rare words (a prompt given as token ids gets whole passages ahead of
-    it, untemplated).
+    of the question, cut down to their sentences that hold the most of the question's
+    rare words, one per line (reread.reread_text; a prompt given as token ids gets whole
+    passages ahead of it, untemplated).
 
     `running` is the text the model reads before answering (the tree's remainder, then
     the encoded prompt), whose last token asks the heads where to look (with `settings`,
@@ -339,10 +337,8 @@ def reread_passages(
         sep = np.asarray(tokenizer.encode(REREAD_SEPARATOR, add_special_tokens=False), np.int32)
         parts = [x for piece in pieces for x in (piece, sep)]
         return passages, np.concatenate([*parts, question]).astype(np.int32)
-    words = rare_words(prompt, tokenizer.decode(context.tolist()))
-    text = REREAD_SEPARATOR.join(
-        focus([tokenizer.decode(piece.tolist()).strip() for piece in pieces], words)
-    )
+    words = question_words(prompt, tokenizer.decode(context.tolist()))
+    text = reread_text([tokenizer.decode(piece.tolist()).strip() for piece in pieces], words)
     message = REREAD_MESSAGE.format(passages=text, prompt=prompt)
     return passages, encode_prompt(tokenizer, message, chat_template)
 

@@ -9,8 +9,8 @@ numbers: the adapter learned to copy them). The words decide and the attention b
 ties, or ranks alone when none of the question's words is in the context. The best
 passages, within a budget of tokens, go into the user's message ahead of the question,
 the best one last, next to the question, cut down to their sentences that hold the most
-of the question's rare words (`focus`); the answer reads them with full attention and no
-tree (generate.py).
+of the question's rare words (`focus`), one per line; the answer reads them with full
+attention and no tree (generate.py).
 
 A passage is `PASSAGE_TOKENS` tokens (at half-passage strides) where the tree keeps every
 token in order (depth 1, nothing downsampled, the paper layout); otherwise it is a whole
@@ -21,13 +21,15 @@ converted model with no trained adapter.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+from snowballstemmer import stemmer
 
 from .model import AttentionTap, SharedLLM
 from .settings import PASSAGE_TOKENS, Settings
@@ -41,6 +43,22 @@ _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
 # The weight of the heads' attention next to the words' (which it only breaks ties of).
 TIE_BREAK = 0.01
 BM25_K1 = 1.2
+# A sentence is re-read when its question words weigh this share of the best one's.
+KEEP_SHARE = 0.6
+# Between re-read passages (when they are read whole).
+REREAD_SEPARATOR = "\n[...]\n"
+_STEMMER = stemmer("english")
+# Words that say what kind of answer is wanted, not where it stands.
+_STOPWORDS = """a about above after again against all am an and any are as at be because been before
+    being below between both but by can cannot could did do does doing down during each few
+    for from further had has have having he her here hers herself him himself his how i if
+    in into is it its itself just me more most my myself no nor not now of off on once only
+    or other our ours ourselves out over own same she should so some such than that the
+    their theirs them themselves then there these they this those through to too under
+    until up very was we were what when where which while who whom whose why will with
+    would you your yours yourself yourselves give tell write reply name answer question
+    text list every one"""
+STOPWORDS = frozenset(_STOPWORDS.split())
 
 # Maps token ids to the word each stands for (lowercased, stripped), "" for none.
 TermOf = Callable[[np.ndarray], list[str]]
@@ -246,32 +264,60 @@ def words_of(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def rare_words(question: str, context: str) -> set[str]:
-    """The question's words of 3+ characters that are rare in the context (RARE_COUNT,
-    RARE_SHARE); words the context lacks are kept too (they select nothing)."""
-    counts = Counter(words_of(context))
-    limit = max(RARE_COUNT, RARE_SHARE * sum(counts.values()))
-    return {w for w in words_of(question) if len(w) >= 3 and counts[w] <= limit}
+def stems_of(text: str) -> list[str]:
+    """The text's words, each cut to its stem (Snowball English: "drawers" and "drawer"
+    are one word, "teaching" and "teach" too)."""
+    return _STEMMER.stemWords(words_of(text))
 
 
-def focus(passages: list[str], words: set[str]) -> list[str]:
-    """The passages cut down to their sentences that hold the most of `words` that any
-    sentence of them holds, in order; passages left with none are dropped, and all are
-    kept whole where no sentence holds any of `words`.
+def question_words(question: str, context: str) -> dict[str, float]:
+    """The stems of the question's content words (3+ characters, not in STOPWORDS) that
+    are rare in the context (RARE_COUNT, RARE_SHARE), each weighted by its rarity there,
+    log(1 + N / (1 + count)) over the context's N words; words the context lacks are
+    kept too (they select nothing)."""
+    counts = Counter(stems_of(context))
+    total = sum(counts.values())
+    limit = max(RARE_COUNT, RARE_SHARE * total)
+    content = {
+        stem
+        for word, stem in zip(words_of(question), stems_of(question))
+        if len(word) >= 3 and word not in STOPWORDS
+    }
+    return {w: math.log(1 + total / (1 + counts[w])) for w in content if counts[w] <= limit}
 
-    A small model copies the wrong span out of the text around a fact (a number, a name
-    nearby, a decoy: another key's fact of the same kind, which holds fewer of the
-    question's words). On the dev split the sentences that hold any of the words
-    answered 0.72 of the needle questions, against 0.54 for the whole passages; only
-    those that hold the most answered 0.78 (multikey 6 -> 9 of 9; 81 questions).
+
+def focus(passages: list[str], words: Mapping[str, float]) -> list[list[str]]:
+    """Per passage, its sentences whose `words` (question_words) weigh at least
+    KEEP_SHARE of the heaviest sentence's of all the passages, in order; passages left
+    with none are dropped. Empty when no sentence holds any of `words`.
+
+    A small model copies the wrong span out of the text around a fact (a number or a
+    name nearby, a decoy: another key's fact of the same kind, which holds fewer of the
+    question's words, and the rarest ones least). On the dev split the sentences that
+    hold any of the words answered 0.72 of the needle questions against 0.54 for the
+    whole passages, and those that hold the most 0.78. Weighing the words by rarity and
+    keeping sentences within KEEP_SHARE of the best also keeps a key's other values,
+    stated in other words ("X is listed with..." beside "X also has ... on file").
     """
     split = [[s.strip() for s in _SENTENCE_BREAK.split(p) if s.strip()] for p in passages]
-    held = [[len(words & set(words_of(s))) for s in sentences] for sentences in split]
-    most = max((n for counts in held for n in counts), default=0)
-    if most == 0:
-        return list(passages)
+    weight = [[sum(words[w] for w in set(stems_of(s)) if w in words) for s in ss] for ss in split]
+    best = max((w for ws in weight for w in ws), default=0.0)
+    if best <= 0:
+        return []
     kept = [
-        " ".join(s for s, n in zip(sentences, counts) if n == most)
-        for sentences, counts in zip(split, held)
+        [s for s, w in zip(sentences, ws) if w >= KEEP_SHARE * best]
+        for sentences, ws in zip(split, weight)
     ]
     return [k for k in kept if k]
+
+
+def reread_text(passages: list[str], words: Mapping[str, float]) -> str:
+    """The text that the answer re-reads: the sentences that `focus` keeps, one per line
+    ("- "), or the whole passages, separated by REREAD_SEPARATOR, when no sentence holds
+    any of `words`. With one fact per line the reader copies a key's several values as
+    a list (dev split: multivalue 0 of 7 -> 2 of 6, needle questions 97 of 131 -> 103 of
+    130; benchmarks/results/suite_dev_stems.log)."""
+    kept = focus(passages, words)
+    if not kept:
+        return REREAD_SEPARATOR.join(passages)
+    return "\n".join(f"- {sentence}" for sentences in kept for sentence in sentences)

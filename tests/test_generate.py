@@ -304,7 +304,7 @@ def test_the_default_model_is_found_from_python_and_the_cli():
     printed = CliRunner().invoke(cli, ["default-model"])
     assert printed.exit_code == 0 and printed.stdout.strip() == str(folder)
     model, tokenizer = load()
-    assert tokenizer is not None and model.settings.reread_tokens == 256
+    assert tokenizer is not None and model.settings.reread_tokens == 512
     assert model.fingerprint() == load("default")[0].fingerprint() == load(folder)[0].fingerprint()
 
 

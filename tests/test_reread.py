@@ -3,6 +3,7 @@ tokens, and generate's running text."""
 
 import dataclasses
 import json
+import math
 
 import mlx.core as mx
 import numpy as np
@@ -14,13 +15,13 @@ from mlx_sharedllm.adapters import load_adapter, save_adapter
 from mlx_sharedllm.distractors import arrange
 from mlx_sharedllm.generate import (
     REREAD_MESSAGE,
-    REREAD_SEPARATOR,
     encode_prompt,
     generate,
     reread_passages,
     stream_generate,
 )
 from mlx_sharedllm.reread import (
+    REREAD_SEPARATOR,
     Passage,
     candidates,
     choose,
@@ -28,8 +29,11 @@ from mlx_sharedllm.reread import (
     combine,
     focus,
     lexical_scores,
-    rare_words,
+    question_words,
+    reread_text,
+    stems_of,
     tokens_in_order,
+    words_of,
 )
 from mlx_sharedllm.selection import keep_chunks
 from mlx_sharedllm.settings import PASSAGE_TOKENS, Settings
@@ -139,34 +143,54 @@ def test_the_remainder_is_a_candidate_too():
     assert passages[-1] == Passage(4 * 64, 4 * 64 + len(remainder))
 
 
-def test_rare_words_are_the_questions_words_the_context_seldom_uses():
-    context = "The old mill stood by the river. " * 30 + "Marchetti kept crate 654 there."
-    words = rare_words("Which crate did Marchetti keep by the old mill? Be brief.", context)
-    # 'the', 'old', 'mill' stand 30+ times; 'be' is too short; absent words stay (harmless)
-    assert words == {"which", "crate", "did", "marchetti", "keep", "brief"}
-    assert rare_words("Ça va, Zoë?", "zoë est là.") == {"zoë"}
+def test_question_words_are_the_stems_of_content_words_the_context_seldom_uses():
+    context = "The old mill stood by the river. " * 30 + "Marchetti kept crates 654 there."
+    words = question_words("Which crate did Marchetti keep by the old mills? Be brief.", context)
+    # 'the', 'old', 'mill(s)' stand 30+ times; 'be' is too short; 'which', 'did' say what
+    # is asked, not where; a word the context lacks stays (it selects nothing)
+    assert set(words) == {"crate", "marchetti", "keep", "brief"}
+    # rarer in the context weighs more: log(1 + N / (1 + count))
+    n = len(words_of(context))
+    assert words["crate"] == pytest.approx(math.log(1 + n / 2))
+    assert words["brief"] == pytest.approx(math.log(1 + n))
+    assert set(question_words("Ça va, Zoë?", "zoë est là.")) == {"zoë"}
+    assert stems_of("Drawers, drawer; TEACHING teach") == ["drawer", "drawer", "teach", "teach"]
 
 
-def test_focus_keeps_the_sentences_with_the_most_rare_words_or_the_whole_passages():
+def test_focus_keeps_the_sentences_whose_words_weigh_near_the_most():
     passage = (
         "It rained all week. The Marchetti aviary is listed under folio 654! Nobody came.\n\n"
         "Dinner was at 8; the soup was cold. Was Marchetti there? No."
     )
     decoy = "The Fonseca aviary is listed under folio 17. The Marchetti aviary? Gone."
-    assert focus([passage], {"marchetti"}) == [
-        "The Marchetti aviary is listed under folio 654! Was Marchetti there?"
+    assert focus([passage], {"marchetti": 1.0}) == [
+        ["The Marchetti aviary is listed under folio 654!", "Was Marchetti there?"]
     ]
-    # The asked-for fact holds the key and the attribute; the decoys hold less of them,
-    # and a passage left with no such sentence is dropped.
-    words = {"marchetti", "aviary", "folio"}
-    assert focus([decoy, passage], words) == ["The Marchetti aviary is listed under folio 654!"]
-    assert focus([decoy, passage], {"aviary"}) == [
-        "The Fonseca aviary is listed under folio 17. The Marchetti aviary?",
-        "The Marchetti aviary is listed under folio 654!",
+    # The asked-for fact holds the key and the attribute; a decoy holds less of them (the
+    # rare key weighs most), and a passage left with no such sentence is dropped.
+    words = {"marchetti": 2.0, "aviari": 1.0, "folio": 1.0}  # 4.0 for the fact
+    assert focus([decoy, passage], words) == [
+        ["The Marchetti aviary?"],  # 3.0
+        ["The Marchetti aviary is listed under folio 654!"],
+    ]  # the decoy (2.0) and "Was Marchetti there?" (2.0) fall below 0.6 of the best
+    assert focus([decoy, passage], {"marchetti": 4.0, "folio": 1.0}) == [
+        ["The Marchetti aviary?"],
+        ["The Marchetti aviary is listed under folio 654!", "Was Marchetti there?"],
     ]
-    assert focus([decoy, passage], {"zeppelin"}) == [decoy, passage]
-    assert focus([passage], set()) == [passage]
-    assert focus([], {"marchetti"}) == []
+    assert focus([decoy, passage], {"zeppelin": 1.0}) == []
+    assert focus([passage], {}) == []
+    assert focus([], {"marchetti": 1.0}) == []
+
+
+def test_reread_text_puts_one_sentence_per_line_or_the_whole_passages():
+    first = "Ana has shelf mark 1 on file. It rained."
+    second = "Ana is listed with shelf mark 2. Bob has shelf mark 9 on file."
+    words = {"ana": 4.0, "shelf": 1.0, "mark": 1.0, "file": 1.0}
+    # Ana's two values, in other words (5.0 and 6.0 of 7.0); Bob's decoy weighs 3.0
+    assert reread_text([first, second], words) == (
+        "- Ana has shelf mark 1 on file.\n- Ana is listed with shelf mark 2."
+    )
+    assert reread_text([first, second], {"zeppelin": 1.0}) == first + REREAD_SEPARATOR + second
 
 
 def test_generate_reads_the_passages_in_the_users_message(loaded, book):  # noqa: F811
@@ -187,11 +211,11 @@ def test_generate_reads_the_passages_in_the_users_message(loaded, book):  # noqa
     passages, window = reread_passages(model, tokenizer, tree, running, prompt, budget)
     assert tuple(passages) == last.passages
     context = np.concatenate([np.array(tree.tokens).reshape(-1), np.array(tree.remainder)])
-    words = rare_words(prompt, tokenizer.decode(context.tolist()))
-    pieces = focus(
+    words = question_words(prompt, tokenizer.decode(context.tolist()))
+    text = reread_text(
         [tokenizer.decode(context[p.start : p.end].tolist()).strip() for p in passages], words
     )
-    message = REREAD_MESSAGE.format(passages=REREAD_SEPARATOR.join(pieces), prompt=prompt)
+    message = REREAD_MESSAGE.format(passages=text, prompt=prompt)
     expected = encode_prompt(tokenizer, message)
     assert np.array_equal(window, expected)
     # The answer reads that window and no tree.

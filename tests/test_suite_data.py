@@ -363,7 +363,7 @@ def test_book_evidence_is_verbatim(loaded):
         assert 0 <= dev_book.find(q.evidence) < 270_000, q.evidence
 
 
-def test_the_oracle_reads_exactly_the_chunks_that_hold_the_facts(tokenizer, haystack):
+def _read_suite():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -371,6 +371,20 @@ def test_the_oracle_reads_exactly_the_chunks_that_hold_the_facts(tokenizer, hays
     )
     suite = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(suite)
+    return suite
+
+
+def test_an_answer_has_room_for_every_value_asked():
+    suite = _read_suite()
+    plan = sd.plan_haystack(np.random.default_rng(3), "test")
+    for q in plan.questions:
+        values = 3 if q.task == "multivalue" else 1
+        assert suite.answer_tokens(q) == suite.MAX_TOKENS * values == 40 * values
+    assert suite.answer_tokens(sd.BOOK_QUESTIONS[0]) == suite.MAX_TOKENS
+
+
+def test_the_oracle_reads_exactly_the_chunks_that_hold_the_facts(tokenizer, haystack):
+    suite = _read_suite()
     facts = [sd.Fact("Alpha Quennell keeps tag 123.", 0.3), sd.Fact("Gamma is 456.", 0.8)]
     new, spans = sd.insert_facts(tokenizer, haystack, facts, 1024)
     chunks = sd.fact_chunks(spans, 1024)
