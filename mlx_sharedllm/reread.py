@@ -275,7 +275,10 @@ def question_words(question: str, context: str) -> dict[str, float]:
     are rare in the context (RARE_COUNT, RARE_SHARE), each weighted by its rarity there,
     log(1 + N / (1 + count)) over the context's N words; words the context lacks are
     kept too (they select nothing)."""
-    counts = Counter(stems_of(context))
+    words = Counter(words_of(context))  # each distinct word is stemmed once
+    counts: Counter[str] = Counter()
+    for stem, n in zip(_STEMMER.stemWords(list(words)), words.values()):
+        counts[stem] += n
     total = sum(counts.values())
     limit = max(RARE_COUNT, RARE_SHARE * total)
     content = {
