@@ -3,7 +3,6 @@ tokens, and generate's running text."""
 
 import dataclasses
 import json
-import math
 
 import mlx.core as mx
 import numpy as np
@@ -33,7 +32,6 @@ from mlx_sharedllm.reread import (
     reread_text,
     stems_of,
     tokens_in_order,
-    words_of,
 )
 from mlx_sharedllm.selection import keep_chunks
 from mlx_sharedllm.settings import PASSAGE_TOKENS, Settings
@@ -149,10 +147,9 @@ def test_question_words_are_the_stems_of_content_words_the_context_seldom_uses()
     # 'the', 'old', 'mill(s)' stand 30+ times; 'be' is too short; 'which', 'did' say what
     # is asked, not where; a word the context lacks stays (it selects nothing)
     assert set(words) == {"crate", "marchetti", "keep", "brief"}
-    # rarer in the context weighs more: log(1 + N / (1 + count))
-    n = len(words_of(context))
-    assert words["crate"] == pytest.approx(math.log(1 + n / 2))
-    assert words["brief"] == pytest.approx(math.log(1 + n))
+    # a word that stands k times weighs 1/k (one the context lacks weighs 1)
+    assert words["crate"] == pytest.approx(1.0) and words["brief"] == pytest.approx(1.0)
+    assert question_words("Which crates?", context + " Crates.")["crate"] == pytest.approx(0.5)
     assert set(question_words("Ça va, Zoë?", "zoë est là.")) == {"zoë"}
     assert stems_of("Drawers, drawer; TEACHING teach") == ["drawer", "drawer", "teach", "teach"]
 
@@ -180,6 +177,22 @@ def test_focus_keeps_the_sentences_whose_words_weigh_near_the_most():
     assert focus([decoy, passage], {"zeppelin": 1.0}) == []
     assert focus([passage], {}) == []
     assert focus([], {"marchetti": 1.0}) == []
+
+
+def test_a_decoy_weighs_too_little_to_be_kept_and_a_keys_other_values_are():
+    filler = "The weather was mild and the roads were long. " * 40
+    facts = (
+        "Ana Okafor is listed with shelf mark 1234. Bo Lindqvist has shelf mark 5678 on "
+        "file. The shelf mark on file for Cy Dumont is 9012."
+    )
+    words = question_words("Which shelf mark is on file for Ana Okafor?", filler + facts)
+    assert reread_text([facts], words) == "- Ana Okafor is listed with shelf mark 1234."
+    values = (
+        "Ana Okafor is listed with shelf mark 1234. Ana Okafor also has shelf mark 5678 on "
+        "file. Another shelf mark on file for Ana Okafor is 9012."
+    )
+    words = question_words("Which shelf marks are on file for Ana Okafor?", filler + values)
+    assert reread_text([values], words).count("\n- ") == 2  # all three values, one a line
 
 
 def test_reread_text_puts_one_sentence_per_line_or_the_whole_passages():
