@@ -30,6 +30,9 @@ from .tree import ContextTree, check_token_ids
 
 # progress(stage, done, total): stage "tokenize" counts characters, "compress" chunks.
 Progress = Callable[[str, int, int], None]
+# A question: text, chat messages ({"role": ..., "content": ...}, the last one asks) or
+# token ids (used as they are).
+Prompt = str | list[dict[str, str]] | Iterable[int]
 PIECE_CHARS = 1 << 20
 # The user's message when passages are re-read (on the dev split this framing beat the
 # passages and the question alone: benchmarks/results/suite_dev_variants.log).
@@ -121,20 +124,31 @@ def _tokenize_progress(progress: Progress | None) -> Callable[[int, int], None] 
     return piece_done
 
 
+def is_conversation(prompt: Any) -> bool:
+    """True for a prompt given as chat messages ({"role": ..., "content": ...} dicts)."""
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
+
+
 def encode_prompt(
-    tokenizer: TokenizerWrapper, prompt: str | Iterable[int], chat_template: bool | None = None
+    tokenizer: TokenizerWrapper, prompt: Prompt, chat_template: bool | None = None
 ) -> np.ndarray:
-    """The prompt's token ids, wrapped in the chat template when asked (default: when the
-    tokenizer has one)."""
-    if not isinstance(prompt, str):
+    """The prompt's token ids: a string or a conversation (chat messages) wrapped in the
+    chat template when asked (default: when the tokenizer has one; a conversation without
+    one is written as "role: content" lines), token ids as they are."""
+    conversation = is_conversation(prompt)
+    if not conversation and not isinstance(prompt, str):
         return np.asarray(list(prompt), np.int32)
     use_template = tokenizer.has_chat_template if chat_template is None else chat_template
+    if use_template and not tokenizer.has_chat_template:
+        raise ValueError("this tokenizer has no chat template")
+    messages = prompt if conversation else [{"role": "user", "content": prompt}]
     if use_template:
-        if not tokenizer.has_chat_template:
-            raise ValueError("this tokenizer has no chat template")
-        messages = [{"role": "user", "content": prompt}]
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return np.asarray(tokenizer.encode(prompt, add_special_tokens=not use_template), np.int32)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    elif conversation:
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    else:
+        text = prompt
+    return np.asarray(tokenizer.encode(text, add_special_tokens=not use_template), np.int32)
 
 
 def prepare_context(
@@ -191,7 +205,7 @@ def _prepared(tree: ContextTree, prompt_ids: np.ndarray, seconds: float) -> Prep
 def stream_generate(
     model: SharedLLM,
     tokenizer: TokenizerWrapper,
-    prompt: str | Iterable[int],
+    prompt: Prompt,
     context: str | ContextTree | Any | None = None,
     *,
     max_tokens: int = 256,
@@ -209,7 +223,8 @@ def stream_generate(
     sources: bool = False,
     text_offsets: TextOffsets | None = None,
 ) -> Iterator[GenerationResponse]:
-    """Answer `prompt` about `context` (a string, token ids, or a compressed ContextTree),
+    """Answer `prompt` (text, a conversation of chat messages whose last one asks, or
+    token ids) about `context` (a string, token ids, or a compressed ContextTree),
     yielding a response per generated token with the text so far and the stats.
 
     `settings` (default: the model's own, `model.settings`) say how a new tree is built
@@ -308,45 +323,48 @@ def reread_passages(
     tokenizer: TokenizerWrapper,
     tree: ContextTree,
     running: np.ndarray,
-    prompt: str | Iterable[int],
+    prompt: Prompt,
     budget: int,
     chat_template: bool | None = None,
     settings: Settings | None = None,
 ) -> tuple[list[Passage], np.ndarray]:
     """The passages of the context (the tree's tokens, then the remainder) that the
     question points at, and the running text that reads them: in the user's message ahead
-    of the question, cut down to their sentences that hold the most of the question's
-    rare words, one per line (reread.reread_text; a prompt given as token ids gets whole
-    passages ahead of it, untemplated).
+    of the question (a conversation's last message), cut down to their sentences that
+    hold the most of the question's rare words, one per line (reread.reread_text; a
+    prompt given as token ids gets whole passages ahead of it, untemplated).
 
     `running` is the text the model reads before answering (the tree's remainder, then
     the encoded prompt), whose last token asks the heads where to look (with `settings`,
     default the model's).
     """
     remainder = np.zeros(0, np.int32) if tree.remainder is None else np.array(tree.remainder)
+    asked = prompt[-1]["content"] if is_conversation(prompt) else prompt
     question = (
-        np.asarray(tokenizer.encode(prompt, add_special_tokens=False), np.int32)
-        if isinstance(prompt, str)
-        else np.asarray(list(prompt), np.int32)
+        np.asarray(tokenizer.encode(asked, add_special_tokens=False), np.int32)
+        if isinstance(asked, str)
+        else np.asarray(list(asked), np.int32)
     )
     terms = token_terms(tokenizer)
     passages = choose(model, tree, running, budget, question, terms, remainder, settings)
     context = np.concatenate([np.array(tree.tokens).reshape(-1), remainder]).astype(np.int32)
     pieces = [context[p.start : p.end] for p in passages]
-    if not isinstance(prompt, str):
+    if not isinstance(asked, str):
         sep = np.asarray(tokenizer.encode(REREAD_SEPARATOR, add_special_tokens=False), np.int32)
         parts = [x for piece in pieces for x in (piece, sep)]
         return passages, np.concatenate([*parts, question]).astype(np.int32)
-    words = question_words(prompt, tokenizer.decode(context.tolist()))
+    words = question_words(asked, tokenizer.decode(context.tolist()))
     text = reread_text([tokenizer.decode(piece.tolist()).strip() for piece in pieces], words)
-    message = REREAD_MESSAGE.format(passages=text, prompt=prompt)
+    message = REREAD_MESSAGE.format(passages=text, prompt=asked)
+    if is_conversation(prompt):
+        message = [*prompt[:-1], {**prompt[-1], "content": message}]
     return passages, encode_prompt(tokenizer, message, chat_template)
 
 
 def generate(
     model: SharedLLM,
     tokenizer: TokenizerWrapper,
-    prompt: str | Iterable[int],
+    prompt: Prompt,
     context: str | ContextTree | Any | None = None,
     **kwargs: Any,
 ) -> str:

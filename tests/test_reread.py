@@ -240,6 +240,34 @@ def test_generate_reads_the_passages_in_the_users_message(loaded, book):  # noqa
     assert plain[-1].passages == () and plain[-1].reread_tokens == 0
 
 
+def test_a_conversation_rereads_in_its_last_message(loaded, book):  # noqa: F811
+    model, tokenizer = loaded
+    ids = tokenizer.encode(book.read_text(), add_special_tokens=False)
+    conversation = [
+        {"role": "system", "content": "Answer in one line."},
+        {"role": "user", "content": "Who?"},
+    ]
+    prompt_ids = encode_prompt(tokenizer, conversation)
+    tree = model.compress(mx.array(ids), mx.array(prompt_ids))
+    running = np.concatenate([np.array(tree.remainder), prompt_ids])
+    passages, window = reread_passages(
+        model, tokenizer, tree, running, conversation, 2 * PASSAGE_TOKENS
+    )
+    assert passages
+    context = np.concatenate([np.array(tree.tokens).reshape(-1), np.array(tree.remainder)])
+    words = question_words("Who?", tokenizer.decode(context.tolist()))
+    text = reread_text(
+        [tokenizer.decode(context[p.start : p.end].tolist()).strip() for p in passages], words
+    )
+    framed = {"role": "user", "content": REREAD_MESSAGE.format(passages=text, prompt="Who?")}
+    assert np.array_equal(window, encode_prompt(tokenizer, [conversation[0], framed]))
+    # Without a chat template a conversation is written as "role: content" lines.
+    lines = "system: Answer in one line.\nuser: Who?\nassistant:"
+    assert np.array_equal(
+        encode_prompt(tokenizer, conversation, chat_template=False), tokenizer.encode(lines)
+    )
+
+
 def test_a_tree_without_tokens_is_read_without_rereading(loaded, book):  # noqa: F811
     model, tokenizer = loaded
     ids = tokenizer.encode(book.read_text(), add_special_tokens=False)

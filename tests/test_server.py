@@ -1,6 +1,7 @@
 """`mlx-sharedllm serve`: the real server on a free loopback port, driven by the official
 `openai` client (raw HTTP where a client cannot send the bad input)."""
 
+import dataclasses
 import http.client
 import json
 import os
@@ -22,7 +23,8 @@ from conftest import SPM_TOKENIZER, convert_case, run_cli
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-import mlx.core as mx  # noqa: E402  (after conftest, which imports mlx_sharedllm first)
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402  (after conftest, which imports mlx_sharedllm first)
 from mlx.utils import tree_flatten  # noqa: E402
 
 from mlx_sharedllm import load  # noqa: E402
@@ -153,6 +155,34 @@ def test_chat_streaming_and_completions(server):
     reply = client.chat.completions.create(model="any", messages=conversation, max_tokens=3)
     assert reply.usage.completion_tokens == 3
     assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_a_conversation_about_a_document_is_re_read_in_its_last_message(server, monkeypatch, book):
+    """A conversation that ends with the user's message reaches `stream_generate` as
+    messages, which puts the re-read passages in that message
+    (test_reread.test_a_conversation_rereads_in_its_last_message)."""
+    prompts, generate = [], service_module.stream_generate
+
+    def recording(model, tokenizer, prompt, *args, **kwargs):
+        prompts.append(prompt)
+        return generate(model, tokenizer, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(service_module, "stream_generate", recording)
+    rereading = dataclasses.replace(server.service.settings, reread_tokens=128)
+    monkeypatch.setattr(server.service, "settings", rereading)
+    client = server.client()
+    doc = add_document(client, book)
+    conversation = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": QUESTION},
+    ]
+    reply = client.chat.completions.create(
+        model="any", messages=conversation, max_tokens=3, extra_body={"documents": [doc["id"]]}
+    )
+    assert prompts == [conversation] and extension(reply)["reread_tokens"] > 0
+    prefill = [*conversation, {"role": "assistant", "content": "It was"}]
+    client.chat.completions.create(model="any", messages=prefill, max_tokens=2)
+    assert isinstance(prompts[-1], np.ndarray)  # templated by the server, read as ids
 
 
 def test_sampling_fields_map_to_the_samplers(server):

@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from ..generate import encode_prompt, stream_generate, text_pieces, tokenize_pieces
+from ..generate import Prompt, encode_prompt, stream_generate, text_pieces, tokenize_pieces
 from ..model import SharedLLM
 from ..tree import ContextTree
 from .api import ApiError, Sampling, StopText
@@ -200,35 +200,30 @@ class Service:
             usage["sharedllm"]["sources"] = sources_json(last.sources)
         return {"finish_reason": finish, "usage": usage}
 
-    def _prompt(self, ask: Ask) -> tuple[str | np.ndarray, bool | None]:
+    def _prompt(self, ask: Ask) -> tuple[Prompt, bool | None]:
         """The running prompt and whether `stream_generate` wraps it in the chat template:
-        a lone user message is wrapped there (so re-reading frames it), a conversation
-        is templated here."""
+        a lone user message goes as text and a conversation that ends with the user's
+        message as messages (re-reading frames that message), others are templated here."""
         if ask.messages is None:
             return self._ids(ask.prompt, True), False
         if len(ask.messages) == 1 and ask.messages[0]["role"] == "user":
             return ask.messages[0]["content"], None
-        return self._conversation(ask.messages), False
+        ids = self._conversation(ask.messages)  # the template's refusal is a 400 here
+        return (ask.messages, None) if ask.messages[-1]["role"] == "user" else (ids, False)
 
     def _ids(self, text: str, special: bool) -> np.ndarray:
         return np.asarray(self.tokenizer.encode(text, add_special_tokens=special), np.int32)
 
     def _conversation(self, messages: list[dict[str, str]]) -> np.ndarray:
-        if not self.tokenizer.has_chat_template:
-            turns = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-            return self._ids(turns + "assistant:", True)
         try:
-            text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
+            return encode_prompt(self.tokenizer, messages)
         except Exception as e:  # the template's own refusal, e.g. roles out of order
             raise ApiError(400, f"the chat template refuses these messages: {e}") from None
-        return self._ids(text, False)
 
-    def _prompt_tokens(self, prompt: str | np.ndarray, template: bool | None) -> int:
+    def _prompt_tokens(self, prompt: Prompt, template: bool | None) -> int:
         return len(encode_prompt(self.tokenizer, prompt, template))
 
-    def _fits(self, prompt: str | np.ndarray, template: bool | None, max_tokens: int) -> bool:
+    def _fits(self, prompt: Prompt, template: bool | None, max_tokens: int) -> bool:
         return not self.window or self._prompt_tokens(prompt, template) + max_tokens <= self.window
 
     def _split(self, ask: Ask, max_tokens: int) -> tuple[str | np.ndarray, bool | None, str]:
