@@ -318,12 +318,15 @@ def focus(passages: list[str], words: Mapping[str, float]) -> list[list[str]]:
 
 
 def reread_text(passages: list[str], words: Mapping[str, float]) -> str:
-    """The text that the answer re-reads: the sentences that `focus` keeps, one per line
-    ("- "), or the whole passages, separated by REREAD_SEPARATOR, when no sentence holds
-    any of `words`. With one fact per line the reader copies a key's several values as
-    a list (dev split: multivalue 0 of 7 -> 2 of 6, needle questions 97 of 131 -> 103 of
-    130; benchmarks/results/suite_dev_stems.log)."""
+    """The text that the answer re-reads: the sentences that `focus` keeps, numbered one
+    per line ("1. ", "2. "), or the whole passages, separated by REREAD_SEPARATOR, when
+    no sentence holds any of `words`. With one fact per line the reader copies a key's
+    several values as a list (dev split: multivalue 0 of 7 -> 2 of 6, needle questions
+    97 of 131 -> 103 of 130; benchmarks/results/suite_dev_stems.log), and numbered lines
+    it lists in full: 13 of 14 dev multivalue questions, against 4 for "- " bullets and 2
+    for bare lines (benchmarks/results/suite_dev_format.log)."""
     kept = focus(passages, words)
     if not kept:
         return REREAD_SEPARATOR.join(passages)
-    return "\n".join(f"- {sentence}" for sentences in kept for sentence in sentences)
+    lines = [sentence for sentences in kept for sentence in sentences]
+    return "\n".join(f"{i}. {line}" for i, line in enumerate(lines, 1))

@@ -186,22 +186,22 @@ def test_a_decoy_weighs_too_little_to_be_kept_and_a_keys_other_values_are():
         "file. The shelf mark on file for Cy Dumont is 9012."
     )
     words = question_words("Which shelf mark is on file for Ana Okafor?", filler + facts)
-    assert reread_text([facts], words) == "- Ana Okafor is listed with shelf mark 1234."
+    assert reread_text([facts], words) == "1. Ana Okafor is listed with shelf mark 1234."
     values = (
         "Ana Okafor is listed with shelf mark 1234. Ana Okafor also has shelf mark 5678 on "
         "file. Another shelf mark on file for Ana Okafor is 9012."
     )
     words = question_words("Which shelf marks are on file for Ana Okafor?", filler + values)
-    assert reread_text([values], words).count("\n- ") == 2  # all three values, one a line
+    assert reread_text([values], words).splitlines()[2].startswith("3. Another shelf mark")
 
 
-def test_reread_text_puts_one_sentence_per_line_or_the_whole_passages():
+def test_reread_text_numbers_one_sentence_a_line_or_gives_the_whole_passages():
     first = "Ana has shelf mark 1 on file. It rained."
     second = "Ana is listed with shelf mark 2. Bob has shelf mark 9 on file."
     words = {"ana": 4.0, "shelf": 1.0, "mark": 1.0, "file": 1.0}
     # Ana's two values, in other words (5.0 and 6.0 of 7.0); Bob's decoy weighs 3.0
     assert reread_text([first, second], words) == (
-        "- Ana has shelf mark 1 on file.\n- Ana is listed with shelf mark 2."
+        "1. Ana has shelf mark 1 on file.\n2. Ana is listed with shelf mark 2."
     )
     assert reread_text([first, second], {"zeppelin": 1.0}) == first + REREAD_SEPARATOR + second
 
