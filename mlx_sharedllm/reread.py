@@ -323,7 +323,7 @@ def reread_text(passages: list[str], words: Mapping[str, float]) -> str:
     no sentence holds any of `words`. With one fact per line the reader copies a key's
     several values as a list (dev split: multivalue 0 of 7 -> 2 of 6, needle questions
     97 of 131 -> 103 of 130; benchmarks/results/suite_dev_stems.log), and numbered lines
-    it lists in full: 13 of 14 dev multivalue questions, against 4 for "- " bullets and 2
+    it lists in full: 15 of 18 dev multivalue questions, against 6 for "- " bullets and 2
     for bare lines (benchmarks/results/suite_dev_format.log)."""
     kept = focus(passages, words)
     if not kept:
