@@ -23,8 +23,8 @@ from conftest import SPM_TOKENIZER, convert_case, run_cli
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402  (after conftest, which imports mlx_sharedllm first)
+import mlx.core as mx  # noqa: E402  (after conftest, which imports mlx_sharedllm first)
+import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from mlx_sharedllm import load  # noqa: E402

@@ -202,12 +202,10 @@ class Service:
 
     def _prompt(self, ask: Ask) -> tuple[Prompt, bool | None]:
         """The running prompt and whether `stream_generate` wraps it in the chat template:
-        a lone user message goes as text and a conversation that ends with the user's
-        message as messages (re-reading frames that message), others are templated here."""
+        messages that end with the user's go as messages (re-reading frames that last
+        one), others are templated here."""
         if ask.messages is None:
             return self._ids(ask.prompt, True), False
-        if len(ask.messages) == 1 and ask.messages[0]["role"] == "user":
-            return ask.messages[0]["content"], None
         ids = self._conversation(ask.messages)  # the template's refusal is a 400 here
         return (ask.messages, None) if ask.messages[-1]["role"] == "user" else (ids, False)
 
