@@ -72,6 +72,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--texts", default=None, help="comma-separated text names (default: split's)")
     p.add_argument("--lengths", default="8192,16384,32768,65536,131072")
     p.add_argument("--haystacks", type=int, default=2, help="haystacks per text and length")
+    p.add_argument(
+        "--per-cell",
+        type=int,
+        default=10,
+        help="at least this many questions per task and length: a length that fewer texts "
+        "reach gets more haystacks from each",
+    )
+    p.add_argument("--tasks", default=None, help="comma-separated tasks (default: all)")
     p.add_argument("--systems", default="sharedllm,tree")
     p.add_argument("--book", action="store_true", help="also ask the book questions")
     p.add_argument("--no-needles", action="store_true", help="only the book questions")
@@ -84,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--markdown", default=None, help="with --report: write the tables here")
     a = p.parse_args(argv)
     if a.quick:
-        a.lengths, a.haystacks = "8192", 1
+        a.lengths, a.haystacks, a.per_cell = "8192", 1, 0
     return a
 
 
@@ -249,9 +257,13 @@ def answer_tokens(question) -> int:
     return MAX_TOKENS * max(1, len(getattr(question, "answers", ())))
 
 
-def ask_all(ctx: dict, questions, systems: list[str], runner: Systems, truncated, done, out):
-    """Every system on every question about one context."""
+def ask_all(
+    ctx: dict, questions, systems: list[str], runner: Systems, truncated, done, out, asked=None
+):
+    """Every system on every question about one context (those numbered in `asked`)."""
     for qi, q in enumerate(questions):
+        if asked is not None and qi not in asked:
+            continue
         spans = [ctx["spans"][i] for i in q.facts] if hasattr(q, "facts") else ctx["book_spans"][qi]
         chunks = [s // runner.model.config.chunk_len for s, _ in spans]
         runner.max_tokens = truncated.max_tokens = answer_tokens(q)
@@ -288,8 +300,13 @@ def run_needles(a, model, tokenizer, runner, done, out) -> None:
     chunk_len, window = model.config.chunk_len, model.args.max_position_embeddings
     names = a.texts.split(",") if a.texts else sd.texts(a.split)
     lengths = [int(x) for x in a.lengths.split(",")]
-    for name in names:
-        ids_all = text_ids(tokenizer, name)
+    tasks = set(a.tasks.split(",")) if a.tasks else set(sd.TASKS)
+    texts = {name: text_ids(tokenizer, name) for name in names}
+    per_task = sd.questions_per_task(sd.plan_haystack(np.random.default_rng(a.seed), a.split))
+    haystacks = sd.haystacks_per_length(
+        lengths, [len(ids) for ids in texts.values()], a.per_cell, a.haystacks, per_task
+    )
+    for name, ids_all in texts.items():
         fits = [L for L in lengths if len(ids_all) >= L]
         if not fits:
             print(f"{name}: {len(ids_all)} tokens, shorter than every length; skipped")
@@ -298,11 +315,12 @@ def run_needles(a, model, tokenizer, runner, done, out) -> None:
         if movable_chunks(model) and any(s != "truncate" for s in systems):
             base = bank(model, ids_all[: max(fits)], name)
         for length in fits:
-            for h in range(a.haystacks):
+            for h in range(haystacks[length]):
                 key = f"{a.split}|{name}|{length}|{h}"
                 seed = [a.seed, zlib.crc32(name.encode()), length, h]
                 plan = sd.plan_haystack(np.random.default_rng(seed), a.split)
-                wanted = {f"{key}|{qi}|{s}" for qi in range(len(plan.questions)) for s in systems}
+                asked = [qi for qi, q in enumerate(plan.questions) if q.task in tasks]
+                wanted = {f"{key}|{qi}|{s}" for qi in asked for s in systems}
                 if wanted <= done:
                     continue
                 ids, spans = sd.insert_facts(tokenizer, ids_all[:length], plan.facts, chunk_len)
@@ -315,7 +333,7 @@ def run_needles(a, model, tokenizer, runner, done, out) -> None:
                     "length": length, "haystack": h, "ids": ids, "spans": spans, "tree": tree,
                 }  # fmt: skip
                 truncated = Truncated(model, tokenizer, ids, window - 256)
-                ask_all(ctx, plan.questions, systems, runner, truncated, done, out)
+                ask_all(ctx, plan.questions, systems, runner, truncated, done, out, set(asked))
 
 
 # The dev book questions ask about the first DEV_BOOK_TOKENS of their text.

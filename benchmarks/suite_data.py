@@ -15,6 +15,7 @@ import functools
 import math
 import re
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -461,6 +462,25 @@ def plan_haystack(rng: np.random.Generator, split: str) -> HaystackPlan:
     _multivalue(p, depths[4])
     _facts(p, depths[5:])
     return HaystackPlan(tuple(p.facts), tuple(p.questions))
+
+
+def haystacks_per_length(
+    lengths: Sequence[int], text_sizes: Sequence[int], per_cell: int, least: int, per_task: int
+) -> dict[int, int]:
+    """Haystacks per text at each length, so that every task has at least `per_cell`
+    questions there (at least `least`): a length that fewer texts reach gets more
+    haystacks from each. `per_task` is the fewest questions a haystack asks of a task."""
+    counts = {}
+    for length in lengths:
+        reach = sum(size >= length for size in text_sizes)
+        if reach:
+            counts[length] = max(least, -(-per_cell // (per_task * reach)))
+    return counts
+
+
+def questions_per_task(plan: HaystackPlan) -> int:
+    """The fewest questions that one haystack asks of any task."""
+    return min(Counter(q.task for q in plan.questions)[t] for t in TASKS)
 
 
 # -- insertion ----------------------------------------------------------------------------

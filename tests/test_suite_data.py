@@ -148,6 +148,18 @@ def test_plan_groups_and_answers(seed):
     assert max(spread) - min(spread) <= 2 * sd.CLUSTER
 
 
+def test_every_task_and_length_gets_its_questions():
+    assert sd.questions_per_task(plan(0)) == 1
+    sizes = [9000, 20000, 40000, 70000, 140000]  # 5 texts reach 8K, 1 reaches 128K
+    lengths = [8192, 16384, 32768, 65536, 131072, 262144]
+    counts = sd.haystacks_per_length(lengths, sizes, per_cell=10, least=2, per_task=1)
+    assert counts == {8192: 2, 16384: 3, 32768: 4, 65536: 5, 131072: 10}
+    for length, h in counts.items():
+        reach = sum(s >= length for s in sizes)
+        assert h * reach >= 10 and (h - 1) * reach < 10 or h == 2
+    assert sd.haystacks_per_length([8192], sizes, per_cell=0, least=1, per_task=1) == {8192: 1}
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_decoys_share_shape_and_attribute_not_value(seed):
     p = plan(seed)
