@@ -16,7 +16,7 @@ from ..convert.tables import ConversionError
 from ..convert.torch_bin import CheckpointError
 from ..io import FLOAT_DTYPES
 from ..plan import MAX_TOKENS
-from ..settings import POLICIES, parse_last_p
+from ..settings import POLICIES, STACKED_REREAD_TOKENS, parse_last_p
 from . import EXIT_INTERRUPTED
 from .inputs import FiniteRange, InputError, read_prompt, read_text_file
 from .plan_cli import plan_command
@@ -111,6 +111,13 @@ def _tree_options(chunk_len, tree_depth, last_p, policy) -> dict:
     default=None,
     help="Which half a tree node descends into (default: query).",
 )
+@click.option(
+    "--reread-tokens",
+    type=click.IntRange(min=0),
+    default=None,
+    help="The re-reading budget the model records (0: off; default: "
+    f"{STACKED_REREAD_TOKENS} with --stack-from-one, else the checkpoint's).",
+)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def convert_command(
     src: str,
@@ -126,6 +133,7 @@ def convert_command(
     tree_depth,
     last_p,
     policy,
+    reread_tokens,
     force,
 ) -> None:
     """Convert SRC to an MLX SharedLLM folder OUT.
@@ -147,6 +155,7 @@ def convert_command(
             q_group_size=int(q_group_size),
             stack=StackOptions(stack_m, init, **heads) if stack_m else None,
             tree=_tree_options(chunk_len, tree_depth, last_p, policy),
+            reread_tokens=reread_tokens,
             force=force,
         )
     click.echo(f"wrote {path}", err=True)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..io import FLOAT_DTYPES, copy_side_files, save_model_folder, write_atomically
 from ..model import SharedLLM, config_json
-from ..settings import read_config
+from ..settings import STACKED_REREAD_TOKENS, read_config
 from .files import read_json, read_weight_map
 from .gguf import read_gguf, save_gguf_tokenizer
 from .released import config_from_released, settings_from_released, weight_table
@@ -147,15 +147,18 @@ def convert(
     q_group_size: int = 64,
     stack: StackOptions | None = None,
     tree: dict[str, Any] | None = None,
+    reread_tokens: int | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> Path:
     """Convert `src` into an MLX SharedLLM folder `out`.
 
     `stack` stacks a plain LLaMA from one; `tree` overrides the tree keys of config.json
-    (chunk_len, tree_depth, last_p, policy: the CLI's flags). The output is written to a
-    temporary folder next to `out` and renamed into place, so a failed or interrupted
-    conversion leaves nothing behind.
+    (chunk_len, tree_depth, last_p, policy: the CLI's flags). `reread_tokens` is the
+    re-reading budget config.json records (default: STACKED_REREAD_TOKENS for a model
+    stacked from one, whose injection is untrained; else the checkpoint's, or off). The
+    output is written to a temporary folder next to `out` and renamed into place, so a
+    failed or interrupted conversion leaves nothing behind.
     """
     out = Path(out)
     if out.exists() and not force:
@@ -166,7 +169,10 @@ def convert(
     model = build_model(src, FLOAT_DTYPES.get(dtype), stack, progress)
     if stack is not None and stack.auto_heads is not None:
         model = copy_retrieval_heads(src, model, stack, progress)
-    config = config_json(*read_config({**model.config_dict(), **(tree or {})}))
+    if reread_tokens is None and stack is not None:
+        reread_tokens = STACKED_REREAD_TOKENS
+    reread = {} if reread_tokens is None else {"reread_tokens": reread_tokens}
+    config = config_json(*read_config({**model.config_dict(), **(tree or {}), **reread}))
     if quantize:
         model, config = quantize_model(model, config, q_group_size, q_bits)
     mx.eval(model.parameters())

@@ -29,6 +29,10 @@ from .config import MAX_CHUNK_LEN, SharedLLMConfig, check_int, is_int
 POLICIES = ("query", "right")
 # Re-reading reads passages of this many tokens (reread.py).
 PASSAGE_TOKENS = 128
+# The re-reading budget a model stacked from one records when converted: its injection is
+# untrained, so re-reading is what lets it answer from the context (the shipped adapter
+# records the same).
+STACKED_REREAD_TOKENS = 512
 # Where a setting is recorded besides config.json: in a tree's metadata and the model's
 # fingerprint (what a tree holds depends on it), or in an adapter (which carries it onto
 # the model it is loaded on).

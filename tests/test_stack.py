@@ -18,6 +18,7 @@ from mlx_sharedllm import load, load_context
 from mlx_sharedllm.assets import DEFAULT_GGUF, fetch
 from mlx_sharedllm.convert.gguf import read_gguf
 from mlx_sharedllm.model import SharedLLM
+from mlx_sharedllm.settings import STACKED_REREAD_TOKENS
 
 
 def base_logits(config, weights, ids):
@@ -60,6 +61,20 @@ def test_stacked_config_shares_the_bottom_layers(hf_llama, tmp_path):
     weights = mx.load(str(out / "model.safetensors"))
     assert not any(k.startswith("encoder.") for k in weights)  # stored once
     assert mx.all(weights["model.layers.1.cross_attn.o_proj.weight"] == 0).item()
+
+
+def test_a_stacked_model_rereads_unless_told_otherwise(hf_llama, tmp_path):
+    src, _, _ = hf_llama
+    saved = json.loads((convert_stacked(src, tmp_path / "a", 2) / "config.json").read_text())
+    assert saved["reread_tokens"] == STACKED_REREAD_TOKENS
+    model, _ = load(tmp_path / "a")
+    assert model.settings.reread_tokens == STACKED_REREAD_TOKENS
+    off = convert_stacked(src, tmp_path / "b", 2, "zero", "--reread-tokens", "0")
+    assert json.loads((off / "config.json").read_text())["reread_tokens"] == 0
+    result = run_cli("convert", str(src), str(tmp_path / "c"), "--stack-from-one", "2",
+                     "--reread-tokens", "64")  # fmt: skip
+    assert result.exit_code != 0 and "at least one passage (128)" in result.output
+    assert not (tmp_path / "c").exists()
 
 
 def test_zero_init_is_exactly_the_base_model(hf_llama, tmp_path):

@@ -436,7 +436,10 @@ def test_adapter_from_train_works_in_generate_and_fuse(zero_model, tmp_path):
     prompt = ["--prompt", "Who walked?", "--max-tokens", "3", "--file"]
     book = tmp_path / "book.txt"
     book.write_text(TEXT)
-    untrained = run_cli("generate", "--model", str(zero_model), *prompt, str(book))
+    rereads = run_cli("generate", "--model", str(zero_model), *prompt, str(book))
+    assert rereads.exit_code == 0 and "untrained" not in rereads.output  # re-reading is on
+    off = ["--reread-tokens", "0"]
+    untrained = run_cli("generate", "--model", str(zero_model), *off, *prompt, str(book))
     assert "untrained" in untrained.output
     trained = run_cli("generate", "--model", str(fused), *prompt, str(book))
     assert trained.exit_code == 0 and "untrained" not in trained.output
