@@ -31,6 +31,7 @@ from mlx_sharedllm.reread import (
     question_words,
     reread_text,
     stems_of,
+    token_terms,
     tokens_in_order,
 )
 from mlx_sharedllm.selection import keep_chunks
@@ -107,15 +108,21 @@ def test_words_decide_and_attention_breaks_ties_or_ranks_alone():
     assert list(np.argsort(-combine(lexical, None))[:2]) == [0, 1]
 
 
-def test_passages_fit_the_budget_do_not_overlap_and_touching_ones_merge():
+def test_passages_fit_the_budget_and_overlapping_or_touching_ones_merge():
     starts = np.arange(0, 1000, 50)
     ends = starts + 100
     scores = np.zeros(len(starts))
-    scores[[4, 6, 12, 5]] = [4, 3, 2, 1]  # windows 200-300, 300-400, 600-700
+    scores[[4, 6, 12, 5]] = [4, 3, 2, 1]  # windows 200-300, 300-400, 600-700; 250-350 inside
     chosen = choose_passages(scores, starts, ends, 300)
     assert chosen == [Passage(200, 400), Passage(600, 700)]
     assert sum(p.end - p.start for p in chosen) <= 300
     assert choose_passages(scores, starts, ends, 99) == []
+    # A window that overlaps a chosen one costs only its new tokens: a fact that the
+    # best window's edge cuts (at 290-310) is read whole from the next one.
+    scores[:] = 0
+    scores[[4, 5, 15]] = [4, 3, 2]  # 200-300, then 250-350 (50 new), then 750-850
+    assert choose_passages(scores, starts, ends, 150) == [Passage(200, 350)]
+    assert choose_passages(scores, starts, ends, 250) == [Passage(200, 350), Passage(750, 850)]
 
 
 def test_choose_puts_the_best_passage_last_and_needs_the_trees_tokens():
@@ -139,6 +146,20 @@ def test_the_remainder_is_a_candidate_too():
     )
     # Its words are found nowhere else: it is the best passage, so it comes last.
     assert passages[-1] == Passage(4 * 64, 4 * 64 + len(remainder))
+
+
+class _Pieces:
+    """A tokenizer whose token i is PIECES[i]."""
+
+    PIECES = (" Teaching", " the", "ers", ",", " Shikoku", " TEACHER", "'s")
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.PIECES[i] for i in ids)
+
+
+def test_token_terms_are_stems_and_stopwords_are_none():
+    terms = token_terms(_Pieces())(np.arange(len(_Pieces.PIECES)))
+    assert terms == ["teach", "", "er", "", "shikoku", "teacher", "s"]
 
 
 def test_question_words_are_the_stems_of_content_words_the_context_seldom_uses():
