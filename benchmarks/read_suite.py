@@ -302,10 +302,13 @@ def run_needles(a, model, tokenizer, runner, done, out) -> None:
     lengths = [int(x) for x in a.lengths.split(",")]
     tasks = set(a.tasks.split(",")) if a.tasks else set(sd.TASKS)
     texts = {name: text_ids(tokenizer, name) for name in names}
+    # Counted over the split's texts, so that a run of some texts (--texts) asks what
+    # those texts ask in a run of them all.
+    sizes = [
+        len(texts[n]) if n in texts else len(text_ids(tokenizer, n)) for n in sd.texts(a.split)
+    ]
     per_task = sd.questions_per_task(sd.plan_haystack(np.random.default_rng(a.seed), a.split))
-    haystacks = sd.haystacks_per_length(
-        lengths, [len(ids) for ids in texts.values()], a.per_cell, a.haystacks, per_task
-    )
+    haystacks = sd.haystacks_per_length(lengths, sizes, a.per_cell, a.haystacks, per_task)
     for name, ids_all in texts.items():
         fits = [L for L in lengths if len(ids_all) >= L]
         if not fits:
