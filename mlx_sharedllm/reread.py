@@ -177,6 +177,8 @@ def choose_passages(
             continue
         taken[start:end] = True
         used += new
+        if used == budget:
+            break
     edges = np.flatnonzero(np.diff(np.concatenate([[0], taken.astype(np.int8), [0]])))
     return [Passage(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
 

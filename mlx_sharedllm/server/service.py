@@ -182,11 +182,11 @@ class Service:
         """Stream the answer as "text" events; its finish reason and usage."""
         requested = ask.sampling.max_tokens
         max_tokens = requested or DEFAULT_MAX_TOKENS
-        prompt, template = self._prompt(ask)
+        prompt, template, tokens = self._prompt(ask)
         if ask.documents:
             self._room(prompt, template, Context(), requested)  # before any compression
             context = self._documents(job, ask.documents)
-        elif self._fits(prompt, template, max_tokens):
+        elif not self.window or tokens + max_tokens <= self.window:
             context = Context()
         else:
             prompt, template, text = self._split(ask, max_tokens)
@@ -200,14 +200,17 @@ class Service:
             usage["sharedllm"]["sources"] = sources_json(last.sources)
         return {"finish_reason": finish, "usage": usage}
 
-    def _prompt(self, ask: Ask) -> tuple[Prompt, bool | None]:
-        """The running prompt and whether `stream_generate` wraps it in the chat template:
-        messages that end with the user's go as messages (re-reading frames that last
-        one), others are templated here."""
+    def _prompt(self, ask: Ask) -> tuple[Prompt, bool | None, int]:
+        """The running prompt, whether `stream_generate` wraps it in the chat template, and
+        its length in tokens: messages that end with the user's go as messages (re-reading
+        frames that last one), others are templated here."""
         if ask.messages is None:
-            return self._ids(ask.prompt, True), False
+            ids = self._ids(ask.prompt, True)
+            return ids, False, len(ids)
         ids = self._conversation(ask.messages)  # the template's refusal is a 400 here
-        return (ask.messages, None) if ask.messages[-1]["role"] == "user" else (ids, False)
+        if ask.messages[-1]["role"] == "user":
+            return ask.messages, None, len(ids)
+        return ids, False, len(ids)
 
     def _ids(self, text: str, special: bool) -> np.ndarray:
         return np.asarray(self.tokenizer.encode(text, add_special_tokens=special), np.int32)
@@ -220,9 +223,6 @@ class Service:
 
     def _prompt_tokens(self, prompt: Prompt, template: bool | None) -> int:
         return len(encode_prompt(self.tokenizer, prompt, template))
-
-    def _fits(self, prompt: Prompt, template: bool | None, max_tokens: int) -> bool:
-        return not self.window or self._prompt_tokens(prompt, template) + max_tokens <= self.window
 
     def _split(self, ask: Ask, max_tokens: int) -> tuple[str | np.ndarray, bool | None, str]:
         """Cut a request longer than the window: its last paragraph stays the running
