@@ -18,10 +18,11 @@ from tqdm import tqdm
 from ..cache import TreeFormat
 from ..generate import stream_generate
 from ..loading import load
-from ..plan import plan_for_model_dir, wired_limit
+from ..plan import FLOAT_TREE, plan_for_model_dir, wired_limit
 from ..plan_render import check_fits
 from ..settings import Settings
 from .inputs import InputError, TextSource
+from .plan_cli import tree_bits_option
 
 # Saved trees are 8-bit unless asked otherwise: about a third of float32's size, and on
 # the reading suite's dev split they chose the same passages as float (README).
@@ -167,6 +168,13 @@ def _memory_plan(path: Path, source: TextSource | None, prompt: str, options: di
     return plan
 
 
+def planned_tree_bits(choice: str | None, saving: bool) -> int | str | None:
+    """--tree-bits as the planner takes it. Not given: the tree format the model records
+    (what it compresses with), unless the tree is saved: then it is built as `save_bits`
+    says, planned as float (at least as large)."""
+    return FLOAT_TREE if choice is None and saving else tree_bits_option(choice)
+
+
 def run_settings(model, options: dict[str, Any], tree_choice: str | None, group: int) -> Settings:
     """The model's settings with the flags given (taken out of `options`): the tree
     format in memory (--tree-bits: `tree_choice`, with `group`), the chunks a question
@@ -294,7 +302,8 @@ def run_generate(
     context_path: Path | None = None,
 ) -> None:
     path = resolve_model(model_ref)
-    plan = _memory_plan(path, source, prompt, options, force)
+    tree_bits = planned_tree_bits(save_tree_bits, save_context is not None)
+    plan = _memory_plan(path, source, prompt, {**options, "tree_bits": tree_bits}, force)
     model, tokenizer = load_model(path)
     if adapter is not None:
         _load_adapter(model, adapter)
@@ -404,8 +413,8 @@ def run_compress(
 ) -> None:
     """`mlx-sharedllm compress`: tokenize, compress and save a context tree."""
     path = resolve_model(model_ref)
-    bits = None if tree_bits in (None, "float") else int(tree_bits)
-    plan = _memory_plan(path, source, prompt or "", {"tree_bits": bits}, force)
+    planned = {"tree_bits": planned_tree_bits(tree_bits, saving=True)}
+    plan = _memory_plan(path, source, prompt or "", planned, force)
     model, tokenizer = load_model(path)
     if adapter is not None:
         _load_adapter(model, adapter)

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from ..plan import MAX_TOKENS, SHAPES, memory_budget, plan_for_model_dir, plan_for_shape
+from ..plan import (
+    FLOAT_TREE,
+    MAX_TOKENS,
+    SHAPES,
+    memory_budget,
+    plan_for_model_dir,
+    plan_for_shape,
+)
 from ..plan_render import fit_line, plan_table
 
 BITS = click.Choice(["4", "8"])
@@ -14,6 +21,12 @@ BITS = click.Choice(["4", "8"])
 
 def _bits(value: str | None) -> int | None:
     return None if value is None else int(value)
+
+
+def tree_bits_option(value: str | None) -> int | str | None:
+    """--tree-bits ('4', '8', 'float') as PlanSettings takes it (not given: None, the
+    format the model records)."""
+    return value if value in (None, FLOAT_TREE) else int(value)
 
 
 @click.command("plan")
@@ -33,7 +46,13 @@ def _bits(value: str | None) -> int | None:
     help="Quantized weights (group 64), or 16/32 for float (default: as stored; a named "
     "shape: unquantized).",
 )
-@click.option("--tree-bits", type=BITS, default=None, help="Quantized tree (default: float).")
+@click.option(
+    "--tree-bits",
+    type=click.Choice(["4", "8", FLOAT_TREE]),
+    default=None,
+    help="Quantized tree, or float in the compute dtype (default: the tree_format the "
+    "model's config.json records, else float; a named shape: float).",
+)
 @click.option("--kv-bits", type=BITS, default=None, help="Quantized KV cache (default: float).")
 @click.option(
     "--dtype",
@@ -71,7 +90,7 @@ def plan_command(
             plan = plan_for_model_dir(
                 model_dir,
                 context_tokens,
-                _bits(tree_bits),
+                tree_bits_option(tree_bits),
                 _bits(kv_bits),
                 weight_bits=_bits(weight_bits),
                 **settings,
@@ -81,7 +100,7 @@ def plan_command(
                 shape,
                 context_tokens,
                 _bits(weight_bits),
-                tree_bits=_bits(tree_bits),
+                tree_bits=tree_bits_option(tree_bits),
                 kv_bits=_bits(kv_bits),
                 **settings,
             )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -22,7 +22,15 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .model import SharedLLM
-from .reread import REREAD_SEPARATOR, Passage, choose, question_words, reread_text, token_terms
+from .reread import (
+    REREAD_SEPARATOR,
+    Passage,
+    attention_profile,
+    choose,
+    question_words,
+    reread_text,
+    token_terms,
+)
 from .selection import keep_attended_chunks
 from .settings import Settings
 from .sources import Sources, TextOffsets, document_passages, find_sources, tokenize_with_offsets
@@ -30,8 +38,8 @@ from .tree import ContextTree, check_token_ids
 
 # progress(stage, done, total): stage "tokenize" counts characters, "compress" chunks.
 Progress = Callable[[str, int, int], None]
-# A question: text, chat messages ({"role": ..., "content": ...}, the last one asks) or
-# token ids (used as they are).
+# A question: text, chat messages ({"role": ..., "content": ...}, the last user message
+# asks) or token ids (used as they are).
 Prompt = str | list[dict[str, str]] | Iterable[int]
 PIECE_CHARS = 1 << 20
 # The user's message when passages are re-read (on the dev split this framing beat the
@@ -125,8 +133,45 @@ def _tokenize_progress(progress: Progress | None) -> Callable[[int, int], None] 
 
 
 def is_conversation(prompt: Any) -> bool:
-    """True for a prompt given as chat messages ({"role": ..., "content": ...} dicts)."""
-    return isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
+    """True for a prompt given as chat messages: a list (or tuple) that holds a dict (all
+    of them must be {"role": ..., "content": ...} messages: `question_index`)."""
+    return isinstance(prompt, (list, tuple)) and any(isinstance(m, dict) for m in prompt)
+
+
+def _is_message(message: Any) -> bool:
+    """A dict of a string role and a string content."""
+    fields = ("role", "content")
+    return isinstance(message, dict) and all(isinstance(message.get(f), str) for f in fields)
+
+
+def question_index(messages: Sequence[Any]) -> int:
+    """The index of a conversation's question: its last user message (messages after it,
+    such as an assistant's, stay after it). ValueError for a message that is not a dict
+    of a string role and a string content, or a conversation with no user message."""
+    for i, message in enumerate(messages):
+        if not _is_message(message):
+            raise ValueError(
+                f"message {i} of the conversation is not a dict of a string 'role' and a "
+                f"string 'content': {message!r}"
+            )
+    users = [i for i, message in enumerate(messages) if message["role"] == "user"]
+    if not users:
+        raise ValueError("the conversation has no user message: its last one is the question")
+    return users[-1]
+
+
+def question_of(prompt: Prompt) -> str | Iterable[int]:
+    """What a prompt asks: its text, a conversation's last user message, or its token ids."""
+    return prompt[question_index(prompt)]["content"] if is_conversation(prompt) else prompt
+
+
+def with_question(prompt: Prompt, text: str) -> str | list[dict[str, str]]:
+    """The prompt with `text` in place of its question (a conversation keeps its other
+    messages, in order)."""
+    if not is_conversation(prompt):
+        return text
+    at = question_index(prompt)
+    return [*prompt[:at], {**prompt[at], "content": text}, *prompt[at + 1 :]]
 
 
 def encode_prompt(
@@ -134,14 +179,17 @@ def encode_prompt(
 ) -> np.ndarray:
     """The prompt's token ids: a string or a conversation (chat messages) wrapped in the
     chat template when asked (default: when the tokenizer has one; a conversation without
-    one is written as "role: content" lines), token ids as they are."""
+    one is written as "role: content" lines), token ids as they are. ValueError for a
+    conversation that `question_index` refuses."""
     conversation = is_conversation(prompt)
     if not conversation and not isinstance(prompt, str):
         return np.asarray(list(prompt), np.int32)
+    if conversation:
+        question_index(prompt)  # refuses messages that are not a conversation with a question
     use_template = tokenizer.has_chat_template if chat_template is None else chat_template
     if use_template and not tokenizer.has_chat_template:
         raise ValueError("this tokenizer has no chat template")
-    messages = prompt if conversation else [{"role": "user", "content": prompt}]
+    messages = list(prompt) if conversation else [{"role": "user", "content": prompt}]
     if use_template:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     elif conversation:
@@ -223,8 +271,8 @@ def stream_generate(
     sources: bool = False,
     text_offsets: TextOffsets | None = None,
 ) -> Iterator[GenerationResponse]:
-    """Answer `prompt` (text, a conversation of chat messages whose last one asks, or
-    token ids) about `context` (a string, token ids, or a compressed ContextTree),
+    """Answer `prompt` (text, a conversation of chat messages whose last user message
+    asks, or token ids) about `context` (a string, token ids, or a compressed ContextTree),
     yielding a response per generated token with the text so far and the stats.
 
     `settings` (default: the model's own, `model.settings`) say how a new tree is built
@@ -234,8 +282,9 @@ def stream_generate(
     reread.py; the response's `passages` say which).
     `kv_bits` quantizes the upper model's own KV cache (mlx-lm's QuantizedKVCache).
     `sources` adds the answer's `sources` to the responses (sources.py: one more pass
-    over the tree), with character offsets into a text context, or into the text that
-    `text_offsets` describes when the context is its token ids.
+    over the tree, unless re-reading read the whole tree: its pass serves both), with
+    character offsets into a text context, or into the text that `text_offsets`
+    describes when the context is its token ids.
     """
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
@@ -251,6 +300,7 @@ def stream_generate(
     if kv_bits is not None and head_dim % kv_group_size:
         raise ValueError(f"head_dim {head_dim} is not a multiple of kv_group_size {kv_group_size}")
     read: list[Passage] = []
+    profile: np.ndarray | None = None  # the heads' attention over the whole tree, once read
     if sources and isinstance(context, str):
         context, text_offsets = tokenize_with_offsets(
             tokenizer, text_pieces(io.StringIO(context)), _tokenize_progress(progress)
@@ -276,6 +326,8 @@ def stream_generate(
             stacklevel=2,
         )
     elif tree is not None and budget and room_for(budget) > 0:
+        if sources and tree is prepared.tree:  # no chunk left out: one pass serves both
+            profile = attention_profile(model, tree, prepared.running, settings)
         passages, running = reread_passages(
             model,
             tokenizer,
@@ -285,6 +337,7 @@ def stream_generate(
             room_for(budget),
             chat_template,
             settings,
+            profile,
         )
         stats["reread_tokens"] = sum(p.end - p.start for p in passages)
         stats["passages"] = tuple(passages)
@@ -298,7 +351,7 @@ def stream_generate(
     if sources and prepared.tree is not None:
         stats["sources"] = find_sources(
             model, tokenizer, prepared.tree, prepared.running, read, text_offsets,
-            settings=settings,
+            settings=settings, profile=profile,
         )  # fmt: skip
     if seed is not None:
         mx.random.seed(seed)
@@ -327,26 +380,28 @@ def reread_passages(
     budget: int,
     chat_template: bool | None = None,
     settings: Settings | None = None,
+    profile: np.ndarray | None = None,
 ) -> tuple[list[Passage], np.ndarray]:
     """The passages of the context (the tree's tokens, then the remainder) that the
     question points at, and the running text that reads them: in the user's message ahead
-    of the question (a conversation's last message), cut down to their sentences that
+    of the question (a conversation's last user message), cut down to their sentences that
     hold the most of the question's rare words, one per line (reread.reread_text; a
     prompt given as token ids gets whole passages ahead of it, untemplated).
 
     `running` is the text the model reads before answering (the tree's remainder, then
     the encoded prompt), whose last token asks the heads where to look (with `settings`,
-    default the model's).
+    default the model's; `profile`: their reread.attention_profile of `tree` for `running`,
+    when already read).
     """
     remainder = np.zeros(0, np.int32) if tree.remainder is None else np.array(tree.remainder)
-    asked = prompt[-1]["content"] if is_conversation(prompt) else prompt
+    asked = question_of(prompt)
     question = (
         np.asarray(tokenizer.encode(asked, add_special_tokens=False), np.int32)
         if isinstance(asked, str)
         else np.asarray(list(asked), np.int32)
     )
     terms = token_terms(tokenizer)
-    passages = choose(model, tree, running, budget, question, terms, remainder, settings)
+    passages = choose(model, tree, running, budget, question, terms, remainder, settings, profile)
     context = np.concatenate([np.array(tree.tokens).reshape(-1), remainder]).astype(np.int32)
     pieces = [context[p.start : p.end] for p in passages]
     if not isinstance(asked, str):
@@ -356,9 +411,7 @@ def reread_passages(
     words = question_words(asked, tokenizer.decode(context.tolist()))
     text = reread_text([tokenizer.decode(piece.tolist()).strip() for piece in pieces], words)
     message = REREAD_MESSAGE.format(passages=text, prompt=asked)
-    if is_conversation(prompt):
-        message = [*prompt[:-1], {**prompt[-1], "content": message}]
-    return passages, encode_prompt(tokenizer, message, chat_template)
+    return passages, encode_prompt(tokenizer, with_question(prompt, message), chat_template)
 
 
 def generate(

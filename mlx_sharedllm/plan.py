@@ -94,6 +94,8 @@ SHAPES: dict[str, dict] = {
 SHAPE_INJECTION = dict(num_injection_layers=4, chunk_len=1024)
 # Named shapes are checkpoints released in 16-bit, and a Mac computes in bfloat16.
 SHAPE_DTYPE = "bfloat16"
+# PlanSettings.tree_bits for a float tree (in the compute dtype), whatever the model records.
+FLOAT_TREE = "float"
 
 
 @dataclass(frozen=True)
@@ -160,14 +162,17 @@ class PlanSettings:
     """What a run is planned for.
 
     `dtype` is the compute dtype (activations, float caches, quantization scales);
-    `running_tokens` is the upper model's window: the context's remainder (< chunk_len),
-    the prompt and the generated tokens (default chunk_len + 1024).
+    `tree_bits` says how the tree is stored: 4 or 8 bits (in groups of `tree_group_size`)
+    or FLOAT_TREE, in `dtype`; None (default) plans the tree format the model's settings
+    record (`Settings.tree_format`, the one `compress` builds), float in `dtype` when they
+    record none. `running_tokens` is the upper model's window: the context's remainder
+    (< chunk_len), the prompt and the generated tokens (default chunk_len + 1024).
     `compress_batch` defaults to the model's.
     """
 
     context_tokens: int
     dtype: str = SHAPE_DTYPE
-    tree_bits: int | None = None
+    tree_bits: int | str | None = None
     tree_group_size: int = 64
     kv_bits: int | None = None
     kv_group_size: int = 64
@@ -200,6 +205,7 @@ class MemoryPlan:
     selection_activations: int
     encoding_activations: int
     generation_activations: int
+    tree_format: TreeFormat  # how the tree is stored (planned_tree_format)
     tree_layers: int = 0  # injection layers, each storing a tree
 
     @property
@@ -244,7 +250,7 @@ def make_plan(
     running = s.running_tokens or config.chunk_len + 1024
     batch = s.compress_batch or t.compress_batch
     rows, size = min(batch, n_chunks), FLOAT_DTYPES[s.dtype].size
-    tree_fmt = TreeFormat(s.dtype, s.tree_bits, s.tree_group_size)
+    tree_fmt = planned_tree_format(s, t)
     kv_fmt = TreeFormat(s.dtype, s.kv_bits, s.kv_group_size)
     tree_layers = len(config.injection_layers)
     tree_vectors = 2 * tree_layers * entries * lower.num_key_value_heads
@@ -265,8 +271,19 @@ def make_plan(
         selection_activations=int(selects * size * SELECT.elements(lower, 2 * rows, half, half)),
         encoding_activations=int(size * encoding_elements(config, t, rows)),
         generation_activations=generation_bytes(config, s, running, entries),
+        tree_format=tree_fmt,
         tree_layers=tree_layers,
     )
+
+
+def planned_tree_format(s: PlanSettings, model_settings: Settings) -> TreeFormat:
+    """The format the planned tree is stored in: the one `s.tree_bits` asks for, else the
+    one `model_settings` record (what `compress` builds with them), else float in the
+    compute dtype (as `compress` builds when none is recorded)."""
+    if s.tree_bits is None:
+        return model_settings.tree_format or TreeFormat(s.dtype)
+    bits = None if s.tree_bits == FLOAT_TREE else s.tree_bits
+    return TreeFormat(s.dtype, bits, s.tree_group_size)
 
 
 def segment_lengths(config: SharedLLMConfig, settings: Settings) -> list[int]:
@@ -404,16 +421,17 @@ def plan_for_shape(
 def plan_for_model_dir(
     path: str | Path,
     context_tokens: int,
-    tree_bits: int | None = None,
+    tree_bits: int | str | None = None,
     kv_bits: int | None = None,
     *,
     weight_bits: int | None = None,
     **settings,
 ) -> MemoryPlan:
     """Plan a converted model folder without loading it: config.json and the headers
-    of its safetensors files. `weight_bits` plans other weights than the stored ones
-    (as if converted with -q); `settings` are other PlanSettings fields (the compute
-    dtype defaults to the model's)."""
+    of its safetensors files. The tree is planned in the format config.json records
+    (its `tree_format`) unless `tree_bits` says otherwise (PlanSettings). `weight_bits`
+    plans other weights than the stored ones (as if converted with -q); `settings` are
+    other PlanSettings fields (the compute dtype defaults to the model's)."""
     path = Path(path)
     params = config_of_folder(path)
     config, model_settings = read_config(params)

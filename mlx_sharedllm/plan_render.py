@@ -3,7 +3,7 @@ this machine's memory, and the changes that would make a refused run fit."""
 
 from __future__ import annotations
 
-from .plan import GiB, MemoryBudget, MemoryPlan, PlanSettings, max_context_tokens, memory_budget
+from .plan import GiB, MemoryBudget, MemoryPlan, max_context_tokens, memory_budget
 
 
 def plan_table(plan: MemoryPlan) -> str:
@@ -14,8 +14,9 @@ def plan_table(plan: MemoryPlan) -> str:
     lines = [
         f"{plan.name}: {s.context_tokens:,} context tokens = {plan.n_chunks:,} chunks of "
         f"{c.chunk_len} -> {plan.tree_entries:,} tree entries",
-        f"weights {plan.weights.label}, tree {_format_label(s.tree_bits, s)}, "
-        f"KV {_format_label(s.kv_bits, s)}, compute {s.dtype}, "
+        f"weights {plan.weights.label}, "
+        f"tree {_format_label(plan.tree_format.bits, plan.tree_format.dtype)}, "
+        f"KV {_format_label(s.kv_bits, s.dtype)}, compute {s.dtype}, "
         f"compress batch {plan.compress_batch}",
         "",
         _row("upper weights", plan.weights.upper),
@@ -55,8 +56,8 @@ def format_bytes(size: float) -> str:
     return f"{size / (1 << 20):.1f} MiB"
 
 
-def _format_label(bits: int | None, s: PlanSettings) -> str:
-    return s.dtype if bits is None else f"{bits}-bit"
+def _format_label(bits: int | None, dtype: str) -> str:
+    return dtype if bits is None else f"{bits}-bit"
 
 
 def fit_line(plan: MemoryPlan, budget: MemoryBudget | None) -> str:
@@ -85,7 +86,7 @@ def suggestions(plan: MemoryPlan, budget: MemoryBudget) -> list[str]:
     """Changes that bring the plan within `budget`, each with its new total."""
     s, tips = plan.settings, []
     options = []
-    if s.tree_bits != 4:
+    if plan.tree_format.bits != 4:
         options.append(("--tree-bits 4", {"tree_bits": 4}))
     if s.kv_bits != 4:
         options.append(("--kv-bits 4", {"kv_bits": 4}))

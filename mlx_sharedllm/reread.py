@@ -191,12 +191,13 @@ def rank_passages(
     term_of: TermOf | None = None,
     remainder: np.ndarray | None = None,
     settings: Settings | None = None,
+    profile: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(starts, ends, scores) of every candidate passage of the context (the tree's
     tokens, then `remainder`) for the question that `running` ends with. `question` (its
     own tokens, no chat template) with `term_of` ranks by the question's words, the heads'
-    attention (read with `settings`) breaking ties; the remainder has no tree entries (no
-    attention)."""
+    attention (read with `settings`, or `profile`: their attention_profile already read)
+    breaking ties; the remainder has no tree entries (no attention)."""
     starts, ends, bounds = candidates(tree)
     context = np.array(tree.tokens).reshape(-1)
     if remainder is not None and len(remainder):
@@ -207,7 +208,8 @@ def rank_passages(
         )
         context = np.concatenate([context, remainder])
     attention = lexical = None
-    profile = attention_profile(model, tree, running, settings)
+    if profile is None:
+        profile = attention_profile(model, tree, running, settings)
     if profile is not None:
         found = attention_scores(profile, bounds)
         attention = np.append(found, np.zeros(len(starts) - len(found)))
@@ -227,17 +229,19 @@ def choose(
     term_of: TermOf | None = None,
     remainder: np.ndarray | None = None,
     settings: Settings | None = None,
+    profile: np.ndarray | None = None,
 ) -> list[Passage]:
     """The passages to re-read for the question `running` ends with, within `budget`
     tokens, best last (a small model reads what stands next to the question best); the
-    heads' attention is read with `settings` (default: the model's)."""
+    heads' attention is read with `settings` (default: the model's), unless `profile`
+    gives it (their attention_profile of `tree` for `running`, already read)."""
     if tree.tokens is None:
         raise ValueError(
             "this tree does not keep its tokens (saved by an older version): compress the "
             "context again to re-read it"
         )
     starts, ends, scores = rank_passages(
-        model, tree, running, question, term_of, remainder, settings
+        model, tree, running, question, term_of, remainder, settings, profile
     )
     passages = choose_passages(scores, starts, ends, budget)
     best = {p: scores[(starts >= p.start) & (ends <= p.end)].max() for p in passages}

@@ -129,16 +129,18 @@ def find_sources(
     offsets: TextOffsets | None = None,
     top: int = TOP_SOURCES,
     settings: Settings | None = None,
+    profile: np.ndarray | None = None,
 ) -> Sources:
     """The sources of an answer about `tree` (every chunk of the document) to the
     question that `running` ends with; `passages` (document spans, best last, as
     re-reading chose them) were read again in full. The heads' attention is read with
-    `settings` (default: the model's)."""
+    `settings` (default: the model's), unless `profile` gives it (their attention_profile
+    of `tree` for `running`, already read: re-reading's, when it read the same tree)."""
     if tree.tokens is None:
         raise ValueError("this tree does not keep its tokens: compress the context again")
-    entries = attention_profile(model, tree, running, settings)
+    entries = attention_profile(model, tree, running, settings) if profile is None else profile
     n = tree.n_chunks
-    profile = np.zeros(n) if entries is None else chunk_profile(entries, n)
+    per_chunk = np.zeros(n) if entries is None else chunk_profile(entries, n)
     remainder = np.zeros(0, np.int32) if tree.remainder is None else np.array(tree.remainder)
     document = np.concatenate([np.array(tree.tokens).reshape(-1), remainder]).astype(np.int32)
     if offsets is not None and len(offsets.starts) != len(document) + 1:
@@ -146,11 +148,11 @@ def find_sources(
             f"the text's offsets cover {len(offsets.starts) - 1} tokens, the tree "
             f"{len(document)}: they are not of the same text"
         )
-    chunks = _ranked_chunks(profile, passages, tree.chunk_len, top)
+    chunks = _ranked_chunks(per_chunk, passages, tree.chunk_len, top)
     found = [
-        _source(c, tree, document, profile, entries, passages, offsets, tokenizer) for c in chunks
+        _source(c, tree, document, per_chunk, entries, passages, offsets, tokenizer) for c in chunks
     ]
-    return Sources(tuple(found), profile)
+    return Sources(tuple(found), per_chunk)
 
 
 def _ranked_chunks(

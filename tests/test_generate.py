@@ -11,7 +11,7 @@ from conftest import SPM_TOKENIZER, convert_case
 
 from mlx_sharedllm import ContextTree, load, load_context
 from mlx_sharedllm.cli.main import cli
-from mlx_sharedllm.generate import generate, prepare_context, stream_generate
+from mlx_sharedllm.generate import encode_prompt, generate, prepare_context, stream_generate
 
 WORDS = [
     "the",
@@ -98,6 +98,27 @@ def test_context_as_text_tokens_or_tree_gives_the_same_answer(loaded, book, tmp_
     tree.save(tmp_path / "book.tree")
     again = load_context(tmp_path / "book.tree", model)
     assert generate(model, tokenizer, prompt, again, max_tokens=8) == by_text
+
+
+def test_a_conversation_is_never_read_as_token_ids(loaded, book):
+    """A prompt that holds a dict is a conversation: its messages must be string roles
+    and contents, and one must be the user's (the question); else a ValueError that says
+    so, before any context is compressed."""
+    model, tokenizer = loaded
+    asked = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who?"}]
+    assert np.array_equal(encode_prompt(tokenizer, tuple(asked)), encode_prompt(tokenizer, asked))
+    refused = [
+        ([{"role": "system", "content": "Be brief."}], "no user message"),
+        ([{"role": "assistant", "content": "It was"}], "no user message"),
+        ([{"role": "user"}], "message 0 "),
+        ([5, {"role": "user", "content": "Who?"}], "message 0 "),
+        ([*asked, {"role": "assistant", "content": None}], "message 2 "),
+    ]
+    for prompt, message in refused:
+        with pytest.raises(ValueError, match=message):
+            encode_prompt(tokenizer, prompt)
+    with pytest.raises(ValueError, match="no user message"):
+        generate(model, tokenizer, asked[:1], book.read_text(), max_tokens=2)
 
 
 def test_stream_reports_stats_and_progress(loaded, book):

@@ -3,6 +3,7 @@ run, the refusal, and `mlx-sharedllm plan`."""
 
 import dataclasses
 import importlib.util
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from mlx_sharedllm import load
 from mlx_sharedllm.cache import TreeFormat
 from mlx_sharedllm.cli.plan_cli import plan_command
 from mlx_sharedllm.plan import (
+    FLOAT_TREE,
     GiB,
     MemoryBudget,
     PlanSettings,
@@ -33,6 +35,18 @@ from mlx_sharedllm.plan import (
 from mlx_sharedllm.plan_render import check_fits, plan_table
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "plan_vs_measured.py"
+
+
+# head_dim 32: one quantization group
+TINY_GQA = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    intermediate_size=48,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    vocab_size=97,
+    rms_norm_eps=1e-6,
+)
 
 
 def load_bench():
@@ -77,16 +91,7 @@ def test_lower_weights_of_a_released_checkpoint(converted):
 
 @pytest.mark.parametrize("bits", [None, 4, 8])
 def test_tree_is_what_compress_allocates(bits):
-    llama = dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        intermediate_size=48,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=97,
-        rms_norm_eps=1e-6,
-    )  # head_dim 32: one quantization group
-    model = tiny_model(upper=llama, lower=None, last_p=4, chunk_len=32, compress_batch=2)
+    model = tiny_model(upper=TINY_GQA, lower=None, last_p=4, chunk_len=32, compress_batch=2)
     fmt = TreeFormat("float32", bits, 32)
     stored = dataclasses.replace(model.settings, tree_format=fmt)
     tree = model.compress(random_tokens(7 * 32 + 5, 1), random_tokens(9, 2), settings=stored)
@@ -94,6 +99,27 @@ def test_tree_is_what_compress_allocates(bits):
     settings = PlanSettings(7 * 32 + 5, "float32", bits, tree_group_size=32)
     plan = make_plan(model.config, model.settings, settings, weights)
     assert plan.tree_entries == tree.num_entries and plan.tree_cache == tree.nbytes
+
+
+@pytest.mark.parametrize(
+    "fmt", [TreeFormat("float16"), TreeFormat("float32", 8, 32), TreeFormat("bfloat16", 4, 32)]
+)
+def test_the_tree_format_a_model_records_is_planned(fmt):
+    """Settings whose tree_format is not the default: the plan's tree is the one compress
+    builds with them, as large as that format asked for explicitly; an explicit choice
+    still wins over the recorded one."""
+    model = tiny_model(upper=TINY_GQA, lower=None, last_p=4, chunk_len=32, compress_batch=2)
+    recorded = dataclasses.replace(model.settings, tree_format=fmt)
+    tree = model.compress(random_tokens(7 * 32 + 5, 1), random_tokens(9, 2), settings=recorded)
+    weights = weight_bytes(model.config, None, "float32")
+    plan = make_plan(model.config, recorded, PlanSettings(7 * 32 + 5, "float32"), weights)
+    assert plan.tree_format == fmt and plan.tree_cache == tree.nbytes
+    explicit = PlanSettings(7 * 32 + 5, fmt.dtype, fmt.bits or FLOAT_TREE, fmt.group_size)
+    assert make_plan(model.config, model.settings, explicit, weights).tree_cache == tree.nbytes
+    as_float = make_plan(model.config, model.settings, PlanSettings(7 * 32 + 5, "float32"), weights)
+    overridden = plan.replan(tree_bits=FLOAT_TREE)
+    assert overridden.tree_format == TreeFormat("float32")
+    assert overridden.tree_cache == as_float.tree_cache != plan.tree_cache
 
 
 @pytest.mark.parametrize("tokens", [1, 256, 300])
@@ -193,3 +219,32 @@ def test_only_injection_layers_store_a_tree(tmp_path, dtype):
     four = plan_for_model_dir(tmp_path / "m", model.config.chunk_len * 4)
     assert four.tree_cache == tree.nbytes
     assert four.replan(compress_batch=1).tree_layers == 1
+
+
+def test_a_model_folder_is_planned_in_the_tree_format_it_records(tmp_path):
+    """A converted folder whose config.json records an 8-bit tree: `plan_for_model_dir`
+    and `mlx-sharedllm plan` plan the tree that the loaded model compresses, unless
+    --tree-bits says otherwise."""
+    write_hf_llama(tmp_path / "hf", hidden_size=64, num_attention_heads=2, num_key_value_heads=1)
+    stack = ("--stack-from-one", "2", "--dtype", "float32")
+    assert run_cli("convert", str(tmp_path / "hf"), str(tmp_path / "m"), *stack).exit_code == 0
+    float_plan = plan_for_model_dir(tmp_path / "m", 32 * 1024)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["tree_format"] = {"dtype": "float32", "bits": 8, "group_size": 32}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    model, _ = load(tmp_path / "m")
+    assert model.settings.tree_format == TreeFormat("float32", 8, 32)
+    tree = model.compress(mx.arange(model.config.chunk_len * 4) % 384, mx.array([1, 2]))
+    plan = plan_for_model_dir(tmp_path / "m", model.config.chunk_len * 4)
+    assert plan.tree_cache == tree.nbytes
+    recorded = plan_for_model_dir(tmp_path / "m", 32 * 1024)
+    explicit = plan_for_model_dir(tmp_path / "m", 32 * 1024, 8, tree_group_size=32)
+    assert recorded.tree_cache == explicit.tree_cache < float_plan.tree_cache
+    overridden = plan_for_model_dir(tmp_path / "m", 32 * 1024, FLOAT_TREE)
+    assert overridden.tree_cache == float_plan.tree_cache
+    args = ["--model", str(tmp_path / "m"), "--context-tokens", str(32 * 1024)]
+    shown = CliRunner().invoke(plan_command, args)
+    assert shown.exit_code == 0, shown.output
+    assert "tree 8-bit" in shown.output
+    floated = CliRunner().invoke(plan_command, [*args, "--tree-bits", "float"])
+    assert "tree float32" in floated.output

@@ -289,6 +289,41 @@ def test_a_conversation_rereads_in_its_last_message(loaded, book):  # noqa: F811
     )
 
 
+def test_a_conversation_that_ends_with_the_assistant_rereads_its_last_user_message(
+    loaded,  # noqa: F811
+    book,  # noqa: F811
+):
+    """A conversation whose last message is the assistant's is still a conversation: its
+    question is the last user message, which re-reading frames (not read as token ids,
+    nor the assistant's message taken for the question); the messages after it stay."""
+    model, tokenizer = loaded
+    ids = tokenizer.encode(book.read_text(), add_special_tokens=False)
+    conversation = [
+        {"role": "system", "content": "Answer in one line."},
+        {"role": "user", "content": "Who walked to school?"},
+        {"role": "assistant", "content": "It was"},
+    ]
+    prompt_ids = encode_prompt(tokenizer, conversation)
+    tree = model.compress(mx.array(ids), mx.array(prompt_ids))
+    running = np.concatenate([np.array(tree.remainder), prompt_ids])
+    passages, window = reread_passages(
+        model, tokenizer, tree, running, conversation, 2 * PASSAGE_TOKENS
+    )
+    context = np.concatenate([np.array(tree.tokens).reshape(-1), np.array(tree.remainder)])
+    words = question_words("Who walked to school?", tokenizer.decode(context.tolist()))
+    text = reread_text(
+        [tokenizer.decode(context[p.start : p.end].tolist()).strip() for p in passages], words
+    )
+    message = REREAD_MESSAGE.format(passages=text, prompt="Who walked to school?")
+    framed = [conversation[0], {"role": "user", "content": message}, conversation[2]]
+    assert np.array_equal(window, encode_prompt(tokenizer, framed))
+    rereading = dataclasses.replace(model.settings, reread_tokens=2 * PASSAGE_TOKENS)
+    last = list(
+        stream_generate(model, tokenizer, conversation, tree, max_tokens=2, settings=rereading)
+    )[-1]
+    assert last.passages == tuple(passages)
+
+
 def test_a_tree_without_tokens_is_read_without_rereading(loaded, book):  # noqa: F811
     model, tokenizer = loaded
     ids = tokenizer.encode(book.read_text(), add_special_tokens=False)

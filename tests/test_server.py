@@ -24,7 +24,6 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 import mlx.core as mx  # noqa: E402  (after conftest, which imports mlx_sharedllm first)
-import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from mlx_sharedllm import load  # noqa: E402
@@ -180,9 +179,14 @@ def test_a_conversation_about_a_document_is_re_read_in_its_last_message(server, 
         model="any", messages=conversation, max_tokens=3, extra_body={"documents": [doc["id"]]}
     )
     assert prompts == [conversation] and extension(reply)["reread_tokens"] > 0
+    # One that ends with the assistant's message goes as messages too (not templated into
+    # token ids, which re-reading would read untemplated): its last user message asks.
     prefill = [*conversation, {"role": "assistant", "content": "It was"}]
-    client.chat.completions.create(model="any", messages=prefill, max_tokens=2)
-    assert isinstance(prompts[-1], np.ndarray)  # templated by the server, read as ids
+    reply = client.chat.completions.create(
+        model="any", messages=prefill, max_tokens=2, extra_body={"documents": [doc["id"]]}
+    )
+    assert isinstance(prompts[-1], list) and prompts[-1] == prefill
+    assert extension(reply)["reread_tokens"] > 0
 
 
 def test_sampling_fields_map_to_the_samplers(server):
@@ -251,6 +255,14 @@ def test_a_plain_request_longer_than_the_window_is_compressed(server, book):
     again = ask(client, f"{book}\n\nWhere is the dog?", max_tokens=4)
     assert extension(again)["cache_hit"] is True and service.compressions == 1
     assert again.usage.prompt_tokens < 512
+    # A conversation that ends with the assistant's message is cut in its last user
+    # message: the same book, the same context.
+    followed = [
+        {"role": "user", "content": f"{book}\n\nWho sat on the mat?"},
+        {"role": "assistant", "content": "It was"},
+    ]
+    reply = client.chat.completions.create(model="tiny", messages=followed, max_tokens=2)
+    assert extension(reply)["cache_hit"] is True and service.compressions == 1
     completion = client.completions.create(model="tiny", prompt=f"{book}\nThe cat", max_tokens=3)
     assert completion.usage.model_extra["sharedllm"]["cache_hit"] is True
     assert add_document(client, book)["cache_hit"], "the same text posted is the same tree"
@@ -378,6 +390,8 @@ def test_bad_input_gets_a_4xx_in_openai_shape(server, book):
         ("POST", chat, b"[1, 2]", 400, None),
         ("POST", chat, b"\xff\xfe", 400, None),
         ("POST", chat, {"messages": []}, 400, "messages"),
+        ("POST", chat, {"messages": [{"role": "system", "content": "Be brief."}]}, 400,
+         "messages"),
         ("POST", chat, {**good, "documents": ["0" * 64]}, 404, "documents"),
         ("POST", chat, {**good, "messages": [too_long], "documents": [doc["id"]]}, 400,
          "messages"),
@@ -400,6 +414,9 @@ def test_bad_input_gets_a_4xx_in_openai_shape(server, book):
         assert isinstance(error["message"], str) and error["type"], answer
         if param:
             assert error["param"] == param, answer
+    system_only = {"messages": [{"role": "system", "content": "Be brief."}]}
+    message = server.raw("POST", chat, json.dumps(system_only).encode())[1]["error"]["message"]
+    assert "no user message" in message
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     conn.putrequest("POST", chat)
     conn.putheader("Content-Length", str(2 << 20))

@@ -11,7 +11,7 @@ import pytest
 from test_generate import book, invoke, loaded, spm_model  # noqa: F401  (fixtures)
 
 from mlx_sharedllm import reread
-from mlx_sharedllm.generate import stream_generate, text_pieces, tokenize_pieces
+from mlx_sharedllm.generate import encode_prompt, stream_generate, text_pieces, tokenize_pieces
 from mlx_sharedllm.reread import Passage
 from mlx_sharedllm.sources import (
     TextOffsets,
@@ -131,6 +131,33 @@ def test_no_sources_cost_nothing(loaded, book, monkeypatch):  # noqa: F811
         )
     )
     assert asked[-1].sources is not None and calls == [1]
+
+
+def test_sources_reuse_the_rereading_pass(loaded, book, monkeypatch):  # noqa: F811
+    """With re-reading on and every chunk read, the heads' attention over the tree is read
+    once (re-reading's pass serves the sources too), and the sources are those that a
+    pass of their own finds."""
+    model, tokenizer = loaded
+    text, question = book.read_text(), "Who walked to school?"
+    rereading = dataclasses.replace(model.settings, reread_tokens=256, chunks_per_question=0)
+    calls, real = [], reread.attention_profile
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    for module in ("generate", "reread", "selection", "sources"):
+        monkeypatch.setattr(f"mlx_sharedllm.{module}.attention_profile", counted, raising=False)
+    options = dict(max_tokens=2, settings=rereading, sources=True)
+    last = list(stream_generate(model, tokenizer, question, text, **options))[-1]
+    assert last.passages and calls == [1]
+    ids, offsets = tokenize_with_offsets(tokenizer, [text])
+    prompt_ids = encode_prompt(tokenizer, question)
+    tree = model.compress(mx.array(ids), mx.array(prompt_ids), settings=rereading)
+    running = np.concatenate([np.array(tree.remainder), prompt_ids]).astype(np.int32)
+    own = find_sources(model, tokenizer, tree, running, last.passages, offsets, settings=rereading)
+    assert last.sources.sources == own.sources and len(calls) == 2
+    np.testing.assert_array_equal(last.sources.profile, own.profile)
 
 
 def test_profile_is_the_heads_mean_share(loaded, answered):

@@ -17,7 +17,14 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from ..generate import Prompt, encode_prompt, stream_generate, text_pieces, tokenize_pieces
+from ..generate import (
+    Prompt,
+    encode_prompt,
+    question_index,
+    stream_generate,
+    text_pieces,
+    tokenize_pieces,
+)
 from ..model import SharedLLM
 from ..tree import ContextTree
 from .api import ApiError, Sampling, StopText
@@ -202,20 +209,22 @@ class Service:
 
     def _prompt(self, ask: Ask) -> tuple[Prompt, bool | None, int]:
         """The running prompt, whether `stream_generate` wraps it in the chat template, and
-        its length in tokens: messages that end with the user's go as messages (re-reading
-        frames that last one), others are templated here."""
+        its length in tokens: messages go as messages (re-reading frames their last user
+        message, the question; an assistant's message after it stays after it)."""
         if ask.messages is None:
             ids = self._ids(ask.prompt, True)
             return ids, False, len(ids)
         ids = self._conversation(ask.messages)  # the template's refusal is a 400 here
-        if ask.messages[-1]["role"] == "user":
-            return ask.messages, None, len(ids)
-        return ids, False, len(ids)
+        return ask.messages, None, len(ids)
 
     def _ids(self, text: str, special: bool) -> np.ndarray:
         return np.asarray(self.tokenizer.encode(text, add_special_tokens=special), np.int32)
 
     def _conversation(self, messages: list[dict[str, str]]) -> np.ndarray:
+        try:
+            question_index(messages)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="messages") from None
         try:
             return encode_prompt(self.tokenizer, messages)
         except Exception as e:  # the template's own refusal, e.g. roles out of order
@@ -224,18 +233,21 @@ class Service:
     def _prompt_tokens(self, prompt: Prompt, template: bool | None) -> int:
         return len(encode_prompt(self.tokenizer, prompt, template))
 
-    def _split(self, ask: Ask, max_tokens: int) -> tuple[str | np.ndarray, bool | None, str]:
-        """Cut a request longer than the window: its last paragraph stays the running
+    def _split(self, ask: Ask, max_tokens: int) -> tuple[Prompt, bool | None, str]:
+        """Cut a request longer than the window: the last paragraph of its question (the
+        prompt, or the last user message, with the messages after it) stays the running
         prompt (cut to what fits beside a chunk's remainder), everything before it
         becomes the context, so the same document asked again is the same context."""
         if ask.messages is None:
-            earlier, last = [], ask.prompt
+            earlier, last, after = [], ask.prompt, []
         else:
-            earlier, last = [m["content"] for m in ask.messages[:-1]], ask.messages[-1]["content"]
+            at = question_index(ask.messages)
+            earlier = [m["content"] for m in ask.messages[:at]]
+            last, after = ask.messages[at]["content"], ask.messages[at + 1 :]
         cut = last.rstrip().rfind("\n") + 1
         head, tail = last[:cut], last[cut:]
         template = None if ask.messages is not None else False
-        overhead = self._prompt_tokens("", template) if template is None else 0
+        overhead = self._prompt_tokens(_asking("", after), template) if template is None else 0
         room = self.window - max_tokens - (self.chunk_len - 1) - overhead
         if room <= 0:
             raise ApiError(
@@ -250,7 +262,7 @@ class Service:
             head += self.tokenizer.decode(ids[:-room].tolist())
             tail = self.tokenizer.decode(ids[-room:].tolist())
         text = JOIN.join(part for part in (*earlier, head.strip()) if part)
-        prompt = tail.strip() if template is None else self._ids(tail, False)
+        prompt = _asking(tail.strip(), after) if template is None else self._ids(tail, False)
         return prompt, template, text
 
     def _long_context(self, job: Job, text: str) -> Context:
@@ -337,6 +349,12 @@ class Service:
                 "context_id": context.doc_id if context.tree is not None else None,
             },
         }
+
+
+def _asking(question: str, after: list[dict[str, str]]) -> Prompt:
+    """A long request's running prompt: its question alone, or as the user's message
+    followed by the messages that came after it."""
+    return [{"role": "user", "content": question}, *after] if after else question
 
 
 def sources_json(found: Any) -> list[dict[str, Any]] | None:
