@@ -771,6 +771,66 @@ DEV_BOOK_QUESTIONS = (
         "Prince Vasili's daughter, the beautiful Helene, came to take her",
         "The beautiful Helene.",
     ),
+    BookQuestion(
+        "What illness did Anna Pavlovna say she was suffering from?",
+        ((r"grippe|influenza",),),
+        "she said, suffering from la grippe; grippe being then a new word in",
+        "La grippe.",
+    ),
+    BookQuestion(
+        "Where had Pierre been educated?",
+        ((r"abroad",),),
+        "Pierre had been educated abroad, and this reception at Anna",
+        "Abroad.",
+    ),
+    BookQuestion(
+        "What lessons does old Prince Bolkonski give his daughter?",
+        ((r"algebra|geometry",),),
+        "two cardinal virtues in her gave her lessons in algebra and geometry",
+        "Lessons in algebra and geometry.",
+    ),
+    BookQuestion(
+        "Who is Julie Karagina to Princess Mary?",
+        ((r"friend",),),
+        "her most intimate friend from childhood; that same Julie Karagina",
+        "Her most intimate friend from childhood.",
+    ),
+    BookQuestion(
+        "Where does the old count keep the paper, according to the princess?",
+        ((r"portfolio|pillow",),),
+        '"It\'s in the inlaid portfolio that he keeps under his pillow,"',
+        "In the inlaid portfolio under his pillow.",
+    ),
+    BookQuestion(
+        "Who is Mademoiselle Bourienne?",
+        ((r"french",),),
+        "came, the pretty, fair haired Frenchwoman, Mademoiselle Bourienne,",
+        "A pretty, fair-haired Frenchwoman, Princess Mary's companion.",
+    ),
+    BookQuestion(
+        "Whom is Natasha in love with, according to the countess?",
+        ((r"boris",),),
+        '"And she\'s in love with Boris already. Just fancy!" said the',
+        "Boris.",
+    ),
+    BookQuestion(
+        "How far is Bald Hills from Moscow?",
+        ((r"hundred|\b100\b",),),
+        "anyone who wanted to see him could come the hundred miles from",
+        "A hundred miles.",
+    ),
+    BookQuestion(
+        "How does old Prince Bolkonski keep himself occupied?",
+        ((r"memoir|mathemat|lathe|snuff|build|garden",),),
+        "solving problems in higher mathematics, turning snuffboxes on a lathe,",
+        "Writing his memoirs, solving problems in higher mathematics, turning snuffboxes.",
+    ),
+    BookQuestion(
+        "Who is Vera?",
+        ((r"daughter",),),
+        '"Vera," she said to her eldest daughter who was evidently not a',
+        "The Rostovs' eldest daughter.",
+    ),
 )
 
 
