@@ -24,7 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "smollm2"))
 
-from needles import number, sentence_ends  # noqa: E402
+from needles import number  # noqa: E402
+from needles import sentence_ends as token_sentence_ends  # noqa: E402
 from sources import botchan_split, read_text, training_texts  # noqa: E402
 
 from mlx_sharedllm.assets import PinnedFile  # noqa: E402
@@ -494,6 +495,29 @@ def _chunk_of(position, n: int, chunk_len: int):
 def _chunk_size(k, n: int, chunk_len: int):
     """Tokens in chunk k (or array of chunks): chunk_len but for a shorter last one."""
     return np.minimum(chunk_len, n - k * chunk_len)
+
+
+def sentence_ends(tokenizer, ids: np.ndarray) -> np.ndarray:
+    """Positions right after a token that ends a sentence (".", "!" or "?") where the next
+    token does not go on with a letter, a digit or "_": a fact goes between sentences,
+    never inside a word, a number or a name in code ("e.|g.", "1.|5", "astropy.|units").
+    Without the check, 123 of the changelog's 294 test facts stood glued to the code they
+    cut (benchmarks/results/suite_test_glued.log)."""
+    ids = np.asarray(ids)
+    ends = token_sentence_ends(tokenizer, ids)
+    inside = ends[ends < len(ids)]
+    pairs = {(int(ids[e - 1]), int(ids[e])) for e in inside}
+    goes_on = {pair for pair in pairs if _goes_on(tokenizer, *pair)}
+    cut = np.array([(int(ids[e - 1]), int(ids[e])) in goes_on for e in inside], bool)
+    return np.concatenate([inside[~cut], ends[ends >= len(ids)]])
+
+
+def _goes_on(tokenizer, end: int, after: int) -> bool:
+    """Whether the text goes on with a letter, a digit or "_" right after token `end`
+    (decoded as a pair: a SentencePiece token's leading space shows only after another)."""
+    head, both = tokenizer.decode([end]), tokenizer.decode([end, after])
+    rest = both[len(head) :] if both.startswith(head) else both[len(both.rstrip()) :]
+    return bool(rest) and (rest[0].isalnum() or rest[0] == "_")
 
 
 def _place(ends: np.ndarray, n: int, depth: float, length: int, chunk_len: int) -> int:

@@ -295,6 +295,26 @@ def test_insert_refuses_facts_longer_than_their_chunk(tokenizer, haystack):
         sd.insert_facts(tokenizer, haystack, [sd.Fact(text, 0.5)] * 3, 2 * length)
 
 
+def test_facts_go_between_sentences_never_inside_a_word_or_a_name_in_code(tokenizer):
+    text = (
+        "- Fixed ``astropy.units.Quantity`` in ``np.linalg``. [#19104]\n\n"
+        "- Version 1.5.2 of e.g. the parser. Done! Ask?--yes. The end."
+    )
+    ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), np.int32)
+    ends = sd.sentence_ends(tokenizer, ids)
+    before = [tokenizer.decode(ids[:e].tolist()) for e in ends]
+    # The character that follows each end (decoded with the text before it, so that a
+    # SentencePiece token's leading space shows).
+    after = [tokenizer.decode(ids[: e + 1].tolist())[len(b) :][:1] for e, b in zip(ends, before)]
+    assert all(not a.isalnum() and a != "_" for a in after), after
+    assert any(b.endswith("``np.linalg``.") for b in before)
+    assert any(b.endswith("Done!") for b in before)
+    assert any(b.endswith("The end.") for b in before) and len(ids) in ends
+    assert not any(b.endswith(("astropy.", "1.", "e.")) for b in before)
+    # Every such end is one the plain token rule found.
+    assert set(ends.tolist()) <= set(sd.token_sentence_ends(tokenizer, ids).tolist())
+
+
 # -- book questions -----------------------------------------------------------------------
 
 
