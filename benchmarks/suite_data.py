@@ -5,8 +5,9 @@ In the spirit of RULER: each haystack (a pinned real text) gets one group of fac
 Botchan as a whole gets questions about the book. Nothing here runs a model.
 
 Needles never reuse training's templates, keys or values (recipes/smollm2/needles.py):
-numbers have an odd digit sum, every word list is new. `dev` texts are read by training
-and serve only to choose settings; `test` texts (or parts) training never reads.
+numbers have an odd digit sum, every word list is new. `dev` texts serve only to choose
+settings (training reads the two novels, not the changelog); `test` texts (or parts)
+training never reads.
 """
 
 from __future__ import annotations
@@ -54,6 +55,14 @@ ASTROPY_CHANGES = PinnedFile(
     member="astropy-8.0.2/CHANGES.rst",
     sha256="1b68a779e793b85c5e87231b7c0b2209eacb7b10edf56202b9053ea18018f862",
     size=739_560,
+    kind="sdist",
+)
+PIP_NEWS = PinnedFile(
+    package="pip",
+    version="25.1.1",
+    member="pip-25.1.1/NEWS.rst",
+    sha256="afe7dd814fb97cd217d9c631520c63f95bab04c3beb98a843db9949494005f1c",
+    size=230_372,
     kind="sdist",
 )
 
@@ -123,6 +132,13 @@ TEXTS = {
         SuiteText(
             "sherlock-holmes", "novel", "dev", f"{_GUTENBERG}: Arthur Conan Doyle", _DEV_NOTE
         ),
+        SuiteText(
+            "pip-news",
+            "list",
+            "dev",
+            "MIT: the pip 25.1.1 changelog",
+            "training never reads it; a list-like, number-rich text to choose settings on",
+        ),
     )
 }
 
@@ -174,6 +190,7 @@ _LOADERS: dict[str, Callable[[], str]] = {
     BOOK_TEXT: _botchan_full,
     "war-and-peace": lambda: _training()["war-and-peace"],
     "sherlock-holmes": lambda: _training()["sherlock-holmes"],
+    "pip-news": lambda: read_text(PIP_NEWS),
 }
 
 

@@ -344,7 +344,7 @@ def loaded():
 
 
 def test_registry():
-    assert sd.texts("dev") == ["war-and-peace", "sherlock-holmes"]
+    assert sd.texts("dev") == ["war-and-peace", "sherlock-holmes", "pip-news"]
     assert set(sd.texts("test")) >= {
         "botchan-heldout",
         "lcet10",
