@@ -87,7 +87,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="8K only, one haystack per text")
     p.add_argument("--out", default=None, help="JSONL file of results (appended, resumed)")
-    p.add_argument("--report", nargs="+", default=None, help="summarise JSONL files and exit")
+    p.add_argument(
+        "--report",
+        nargs="+",
+        default=None,
+        help="summarise JSONL files and exit (FILE=LABEL names that file's system)",
+    )
     p.add_argument("--heatmap", default=None, help="with --report: a PNG of sharedllm")
     p.add_argument("--markdown", default=None, help="with --report: write the tables here")
     a = p.parse_args(argv)
@@ -378,9 +383,15 @@ def run_book(a, model, tokenizer, runner, done, out) -> None:
 
 
 def load_rows(paths) -> list[dict]:
+    """The rows of JSONL files; "FILE=LABEL" names its rows' system LABEL (so that two runs
+    of one system, e.g. another model, are told apart in the tables)."""
     rows = []
-    for path in paths:
-        rows += [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    for spec in paths:
+        path, _, label = spec.partition("=")
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows.append({**row, "system": label} if label else row)
     return rows
 
 
@@ -396,7 +407,8 @@ def report(paths, heatmap: str | None, markdown: str | None) -> str:
     rows = load_rows(paths)
     rows += [{**r, "task": "all needle tasks"} for r in rows if r["task"] != "book"]
     tasks = sorted({r["task"] for r in rows})
-    systems = [s for s in SYSTEMS if any(r["system"] == s for r in rows)]
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    systems = [s for s in SYSTEMS if s in systems] + [s for s in systems if s not in SYSTEMS]
     lines = []
     for task in tasks:
         sub = [r for r in rows if r["task"] == task]
@@ -410,7 +422,9 @@ def report(paths, heatmap: str | None, markdown: str | None) -> str:
             ]
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += recall_table([r for r in rows if r["task"] != "all needle tasks"])
+    lines += recall_table(
+        [r for r in rows if r["task"] != "all needle tasks" and r["system"] == "sharedllm"]
+    )
     text = "\n".join(lines)
     if markdown:
         Path(markdown).write_text(text + "\n")

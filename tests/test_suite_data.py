@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import sys
@@ -427,3 +428,17 @@ def test_the_oracle_reads_exactly_the_chunks_that_hold_the_facts(tokenizer, hays
     for (start, end), chunk in zip(spans, chunks):
         offset = held.index(chunk) * 1024 + start - chunk * 1024
         assert np.array_equal(window[offset : offset + end - start], new[start:end])
+
+
+def test_the_report_labels_each_file_and_reads_retrieval_of_the_default_only(tmp_path):
+    suite = _read_suite()
+    row = {"task": "facts", "length": 8192, "system": "sharedllm", "correct": True}
+    (tmp_path / "a.jsonl").write_text(json.dumps({**row, "reread_found": True}) + "\n")
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({**row, "correct": False, "reread_found": False}) + "\n"
+    )
+    text = suite.report(
+        [str(tmp_path / "a.jsonl"), f"{tmp_path / 'b.jsonl'}=no adapter"], None, None
+    )
+    assert "| sharedllm | 1.00" in text and "| no adapter | 0.00" in text
+    assert "| held | 1.00" in text  # the labelled run's retrieval is not mixed in
