@@ -570,10 +570,35 @@ def _fill_chunk(
     haystack = np.flatnonzero(labels < 0)
     if front + back > len(haystack):
         raise ValueError("the facts of one chunk are longer than the chunk")
-    keep = np.ones(len(ids), bool)
-    keep[haystack[:front]] = False
-    keep[haystack[len(haystack) - back :]] = False
+    keep = _kept(labels, front, back)
     return ids[keep].astype(chunk.dtype), labels[keep]
+
+
+def _kept(labels: np.ndarray, front: int, back: int) -> np.ndarray:
+    """Which tokens stay when `front` haystack tokens go from the start and `back` from the
+    end, without cutting into the text around a fact: a cut that would reach a fact goes
+    to the other edge, and what neither edge has room for goes from the middle of the
+    longest stretch between facts. (A cut across a fact took the text before it: "-
+    Accommodate <fact>https://...".)"""
+    facts = np.flatnonzero(labels >= 0)
+    before, after = int(facts[0]), int(len(labels) - 1 - facts[-1])
+    cut_front, cut_back = min(front, before), min(back, after)
+    rest = front + back - cut_front - cut_back
+    more = min(rest, before - cut_front)
+    cut_front, rest = cut_front + more, rest - more
+    more = min(rest, after - cut_back)
+    cut_back, rest = cut_back + more, rest - more
+    keep = np.ones(len(labels), bool)
+    keep[:cut_front] = False
+    keep[len(labels) - cut_back :] = False
+    if rest:
+        gaps = np.diff(facts) - 1
+        widest = int(np.argmax(gaps))
+        if gaps[widest] < rest:
+            raise ValueError("the facts of one chunk leave no room to keep it as long")
+        start = int(facts[widest]) + 1 + (int(gaps[widest]) - rest) // 2
+        keep[start : start + rest] = False
+    return keep
 
 
 def encode_fact(tokenizer, text: str) -> np.ndarray:

@@ -258,11 +258,10 @@ def check_insertion(tokenizer, ids, facts, chunk_len):
         for start, end in holders[k]:
             keep[start:end] = False
         rest, original = new[part][keep[part]], ids[part]
-        # What is left of the haystack is one stretch of the original chunk.
-        assert any(
-            np.array_equal(rest, original[i : i + len(rest)])
-            for i in range(len(original) - len(rest) + 1)
-        )
+        # What is left of the haystack is the original chunk, in order, with tokens cut
+        # from its edges (or, without room there, from between its facts).
+        it = iter(original.tolist())
+        assert all(token in it for token in rest.tolist())
     return new, spans
 
 
@@ -287,6 +286,25 @@ def test_insert_at_the_edges_and_in_a_short_last_chunk(tokenizer, haystack):
     facts = plan(1).facts
     edges = [sd.Fact(facts[0].text, 0.0), sd.Fact(facts[1].text, 1.0)]
     check_insertion(tokenizer, haystack[:7900], edges, 512)
+
+
+def test_a_chunk_keeps_its_length_without_cutting_into_the_text_around_a_fact():
+    labels = np.full(100, -1)
+    labels[5:10], labels[60:70] = 0, 1  # a fact in the first half, one in the second
+    # The second-half fact's tokens would go from the start, across the first fact.
+    keep = sd._kept(labels, front=10, back=5)
+    assert keep[5:70].all() and (~keep).sum() == 15
+    assert not keep[:5].any() and not keep[90:].any()
+    labels = np.full(100, -1)
+    labels[:5], labels[95:] = 0, 1  # no room at either edge: the middle goes
+    keep = sd._kept(labels, front=5, back=5)
+    assert keep[:45].all() and not keep[45:55].any() and keep[55:].all()
+    with pytest.raises(ValueError):
+        sd._kept(labels, front=50, back=50)
+    labels = np.full(100, -1)
+    labels[40:50] = 0  # nothing to move: the cuts stay where they were
+    keep = sd._kept(labels, front=4, back=6)
+    assert not keep[:4].any() and keep[4:94].all() and not keep[94:].any()
 
 
 def test_insert_refuses_facts_longer_than_their_chunk(tokenizer, haystack):
