@@ -261,6 +261,17 @@ def test_generate_reads_the_passages_in_the_users_message(loaded, book):  # noqa
     assert plain[-1].passages == () and plain[-1].reread_tokens == 0
 
 
+def framed_question(tokenizer, tree, passages, question: str) -> str:
+    """The user's message that re-reading writes: the passages' focused sentences, then
+    the question."""
+    context = np.concatenate([np.array(tree.tokens).reshape(-1), np.array(tree.remainder)])
+    words = question_words(question, tokenizer.decode(context.tolist()))
+    text = reread_text(
+        [tokenizer.decode(context[p.start : p.end].tolist()).strip() for p in passages], words
+    )
+    return REREAD_MESSAGE.format(passages=text, prompt=question)
+
+
 def test_a_conversation_rereads_in_its_last_message(loaded, book):  # noqa: F811
     model, tokenizer = loaded
     ids = tokenizer.encode(book.read_text(), add_special_tokens=False)
@@ -275,12 +286,7 @@ def test_a_conversation_rereads_in_its_last_message(loaded, book):  # noqa: F811
         model, tokenizer, tree, running, conversation, 2 * PASSAGE_TOKENS
     )
     assert passages
-    context = np.concatenate([np.array(tree.tokens).reshape(-1), np.array(tree.remainder)])
-    words = question_words("Who?", tokenizer.decode(context.tolist()))
-    text = reread_text(
-        [tokenizer.decode(context[p.start : p.end].tolist()).strip() for p in passages], words
-    )
-    framed = {"role": "user", "content": REREAD_MESSAGE.format(passages=text, prompt="Who?")}
+    framed = {"role": "user", "content": framed_question(tokenizer, tree, passages, "Who?")}
     assert np.array_equal(window, encode_prompt(tokenizer, [conversation[0], framed]))
     # Without a chat template a conversation is written as "role: content" lines.
     lines = "system: Answer in one line.\nuser: Who?\nassistant:"
@@ -309,12 +315,7 @@ def test_a_conversation_that_ends_with_the_assistant_rereads_its_last_user_messa
     passages, window = reread_passages(
         model, tokenizer, tree, running, conversation, 2 * PASSAGE_TOKENS
     )
-    context = np.concatenate([np.array(tree.tokens).reshape(-1), np.array(tree.remainder)])
-    words = question_words("Who walked to school?", tokenizer.decode(context.tolist()))
-    text = reread_text(
-        [tokenizer.decode(context[p.start : p.end].tolist()).strip() for p in passages], words
-    )
-    message = REREAD_MESSAGE.format(passages=text, prompt="Who walked to school?")
+    message = framed_question(tokenizer, tree, passages, "Who walked to school?")
     framed = [conversation[0], {"role": "user", "content": message}, conversation[2]]
     assert np.array_equal(window, encode_prompt(tokenizer, framed))
     rereading = dataclasses.replace(model.settings, reread_tokens=2 * PASSAGE_TOKENS)
