@@ -547,6 +547,10 @@ def _place(ends: np.ndarray, n: int, depth: float, length: int, chunk_len: int) 
     return int(candidates[np.argmin(np.abs(candidates - depth * n))])
 
 
+# Haystack tokens kept beside every fact when a chunk makes room for its facts.
+MARGIN = 64
+
+
 def _fill_chunk(
     chunk: np.ndarray, inserts: list[tuple[int, int, np.ndarray]]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -576,12 +580,26 @@ def _fill_chunk(
 
 def _kept(labels: np.ndarray, front: int, back: int) -> np.ndarray:
     """Which tokens stay when `front` haystack tokens go from the start and `back` from the
-    end, without cutting into the text around a fact: a cut that would reach a fact goes
-    to the other edge, and what neither edge has room for goes from the middle of the
-    longest stretch between facts. (A cut across a fact took the text before it: "-
-    Accommodate <fact>https://...".)"""
+    end, without cutting into the text around a fact: every fact keeps MARGIN haystack
+    tokens (or all there are) on each side, a cut that would reach them goes to the other
+    edge, and what neither edge has room for goes from the middle of the longest stretch
+    between facts. Where the margins leave no room, they shrink. (A cut across a fact, or
+    up to it, took the sentence it follows: "- Accommodate <fact>https://...".)"""
+    margin = MARGIN
+    while True:
+        keep = _cut(labels, front, back, margin)
+        if keep is not None:
+            return keep
+        if margin == 0:
+            raise ValueError("the facts of one chunk leave no room to keep it as long")
+        margin //= 2
+
+
+def _cut(labels: np.ndarray, front: int, back: int, margin: int) -> np.ndarray | None:
+    """_kept with `margin` tokens kept beside every fact; None when there is no room."""
     facts = np.flatnonzero(labels >= 0)
-    before, after = int(facts[0]), int(len(labels) - 1 - facts[-1])
+    before = max(0, int(facts[0]) - margin)
+    after = max(0, int(len(labels) - 1 - facts[-1]) - margin)
     cut_front, cut_back = min(front, before), min(back, after)
     rest = front + back - cut_front - cut_back
     more = min(rest, before - cut_front)
@@ -592,11 +610,11 @@ def _kept(labels: np.ndarray, front: int, back: int) -> np.ndarray:
     keep[:cut_front] = False
     keep[len(labels) - cut_back :] = False
     if rest:
-        gaps = np.diff(facts) - 1
-        widest = int(np.argmax(gaps))
-        if gaps[widest] < rest:
-            raise ValueError("the facts of one chunk leave no room to keep it as long")
-        start = int(facts[widest]) + 1 + (int(gaps[widest]) - rest) // 2
+        gaps = np.diff(facts) - 1 - 2 * margin
+        widest = int(np.argmax(gaps)) if len(gaps) else 0
+        if not len(gaps) or gaps[widest] < rest:
+            return None
+        start = int(facts[widest]) + 1 + margin + (int(gaps[widest]) - rest) // 2
         keep[start : start + rest] = False
     return keep
 

@@ -292,19 +292,35 @@ def test_a_chunk_keeps_its_length_without_cutting_into_the_text_around_a_fact():
     labels = np.full(100, -1)
     labels[5:10], labels[60:70] = 0, 1  # a fact in the first half, one in the second
     # The second-half fact's tokens would go from the start, across the first fact.
-    keep = sd._kept(labels, front=10, back=5)
+    keep = sd._cut(labels, front=10, back=5, margin=0)
     assert keep[5:70].all() and (~keep).sum() == 15
     assert not keep[:5].any() and not keep[90:].any()
     labels = np.full(100, -1)
     labels[:5], labels[95:] = 0, 1  # no room at either edge: the middle goes
-    keep = sd._kept(labels, front=5, back=5)
+    keep = sd._cut(labels, front=5, back=5, margin=0)
     assert keep[:45].all() and not keep[45:55].any() and keep[55:].all()
+    assert sd._cut(labels, front=50, back=50, margin=0) is None
     with pytest.raises(ValueError):
         sd._kept(labels, front=50, back=50)
     labels = np.full(100, -1)
     labels[40:50] = 0  # nothing to move: the cuts stay where they were
-    keep = sd._kept(labels, front=4, back=6)
+    keep = sd._cut(labels, front=4, back=6, margin=0)
     assert not keep[:4].any() and keep[4:94].all() and not keep[94:].any()
+
+
+def test_a_cut_keeps_a_margin_beside_every_fact_and_shrinks_it_only_without_room():
+    labels = np.full(400, -1)
+    labels[16:26], labels[300:310] = 0, 1
+    # The start cannot go: the 16 tokens before the first fact are within its margin (the
+    # sentence that fact follows), so the whole cut goes from the end, short of the margin.
+    keep = sd._kept(labels, front=10, back=10)
+    assert keep[: 310 + sd.MARGIN].all() and not keep[380:].any() and (~keep).sum() == 20
+    labels = np.full(100, -1)
+    labels[:5], labels[95:] = 0, 1  # 89 tokens between: two full margins do not fit
+    keep = sd._kept(labels, front=5, back=5)
+    assert (~keep).sum() == 10
+    cut = np.flatnonzero(~keep)
+    assert cut.min() > 4 + sd.MARGIN // 2 and cut.max() < 95 - sd.MARGIN // 2
 
 
 def test_insert_refuses_facts_longer_than_their_chunk(tokenizer, haystack):
