@@ -476,3 +476,23 @@ def test_the_report_labels_each_file_and_reads_retrieval_of_the_default_only(tmp
     )
     assert "| sharedllm | 1.00" in text and "| no adapter | 0.00" in text
     assert "| held | 1.00" in text  # the labelled run's retrieval is not mixed in
+
+
+# -- the dev probe of other needle kinds (benchmarks/probe_kinds.py) ----------------------
+
+
+def test_probe_kinds_draw_fresh_facts_and_score_values_leniently(tokenizer, haystack):
+    import probe_kinds as pk
+
+    pk.check_pools()  # no name, key or value word is the suite's
+    asked = pk.probes(np.random.default_rng(3))
+    assert len({p.kind for p in asked}) == len(asked) == 10
+    for p in asked:
+        assert all(w.lower() in p.fact.lower().replace(",", "") for w in p.want), p
+        assert pk.found(p.want, f"It says: {p.fact}")
+        assert not pk.found(p.want, p.question)  # the question never gives the answer away
+    assert pk.found(("13368",), "The orchard has 13,368 trees.")
+    assert pk.found(("NV-3967",), "the code is nv-3967")
+    assert not pk.found(("24", "March", "1722"), "It was sealed on 24 March 1721.")
+    facts = [sd.Fact(p.fact, d) for p, d in zip(asked, np.linspace(0.05, 0.95, len(asked)))]
+    check_insertion(tokenizer, haystack, facts, 512)
