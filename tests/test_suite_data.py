@@ -496,3 +496,19 @@ def test_probe_kinds_draw_fresh_facts_and_score_values_leniently(tokenizer, hays
     assert not pk.found(("24", "March", "1722"), "It was sealed on 24 March 1721.")
     facts = [sd.Fact(p.fact, d) for p, d in zip(asked, np.linspace(0.05, 0.95, len(asked)))]
     check_insertion(tokenizer, haystack, facts, 512)
+
+
+def test_reader_alone_builds_the_message_that_focus_gives_a_needle_question():
+    import reader_alone as ra
+
+    from mlx_sharedllm.generate import REREAD_MESSAGE
+
+    plan = sd.plan_haystack(np.random.default_rng([7, 0]), "dev")
+    q = next(q for q in plan.questions if q.task == "multivalue")
+    facts = sorted((plan.facts[i] for i in q.facts), key=lambda f: f.depth)
+    lines = "\n".join(f"{i}. {f.text}" for i, f in enumerate(facts, 1))
+    assert ra.message(q, plan, "shipped") == REREAD_MESSAGE.format(passages=lines, prompt=q.prompt)
+    first = ra.message(q, plan, "question-first")
+    assert first.startswith(f"Question: {q.prompt}") and first.endswith(f"Question: {q.prompt}")
+    system, user = ra.message(q, plan, "system")
+    assert system["role"] == "system" and user["content"] == ra.message(q, plan, "shipped")
