@@ -30,17 +30,21 @@ from mlx_sharedllm.generate import REREAD_MESSAGE, Prompt, generate  # noqa: E40
 from mlx_sharedllm.loading import load  # noqa: E402
 
 SYSTEM = "Answer the question with the words of the text."
-FRAMES = ("shipped", "question-first", "system")
+FRAMES = ("shipped", "question-first", "asked-first", "system")
 
 
 def message(question: sd.Question, plan: sd.HaystackPlan, frame: str) -> Prompt:
     """The re-read message for `question` under `frame`: the shipped REREAD_MESSAGE, the
-    question also before the text (no instruction line), or the shipped one after a
-    system prompt."""
+    question also before the text (without, or with, the shipped instruction line), or
+    the shipped one after a system prompt."""
     facts = sorted((plan.facts[i] for i in question.facts), key=lambda f: f.depth)
     text = "\n".join(f"{i}. {f.text}" for i, f in enumerate(facts, 1))
     if frame == "question-first":
         return f"Question: {question.prompt}\n\nText:\n{text}\n\nQuestion: {question.prompt}"
+    if frame == "asked-first":
+        return REREAD_MESSAGE.replace("Text:", f"Question: {question.prompt}\n\nText:").format(
+            passages=text, prompt=question.prompt
+        )
     shipped = REREAD_MESSAGE.format(passages=text, prompt=question.prompt)
     if frame == "system":
         return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": shipped}]
