@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import mlx_sharedllm  # noqa: E402,F401,I001  (OpenBLAS before mlx, on Linux)
 
 import suite_data as sd  # noqa: E402
-from read_suite import bank, haystack_tree, text_ids  # noqa: E402
+from read_suite import bank, done_keys, haystack_tree, text_ids  # noqa: E402
 from mlx_sharedllm.generate import stream_generate  # noqa: E402
 from mlx_sharedllm.loading import load  # noqa: E402
 
@@ -198,8 +198,7 @@ def run(a: argparse.Namespace) -> None:
     check_pools()
     model, tokenizer = load(a.model) if a.model else load()
     out = Path(a.out)
-    lines = out.read_text().splitlines() if out.exists() else []
-    done = {json.loads(line)["key"] for line in lines}
+    done = done_keys(out)
     for name in a.texts.split(","):
         ids_all = text_ids(tokenizer, name)
         lengths = [int(x) for x in a.lengths.split(",") if int(x) <= len(ids_all)]

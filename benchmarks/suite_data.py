@@ -611,9 +611,9 @@ def _cut(labels: np.ndarray, front: int, back: int, margin: int) -> np.ndarray |
     keep[len(labels) - cut_back :] = False
     if rest:
         gaps = np.diff(facts) - 1 - 2 * margin
-        widest = int(np.argmax(gaps)) if len(gaps) else 0
-        if not len(gaps) or gaps[widest] < rest:
+        if not len(gaps) or gaps.max() < rest:
             return None
+        widest = int(np.argmax(gaps))
         start = int(facts[widest]) + 1 + margin + (int(gaps[widest]) - rest) // 2
         keep[start : start + rest] = False
     return keep
