@@ -3,6 +3,10 @@
 An adapter is a folder with `adapter.safetensors` (the trained parameters, by name)
 and `adapter.json` (which parameters, and the fingerprint of the base model they were
 trained from, so an adapter is never applied to another model).
+
+It may also hold LoRA factors for the linear layers of the upper model's top layers
+(`<linear>.lora_a`, `<linear>.lora_b`, mlx-lm's LoRALinear layout, with `lora_scale` in
+adapter.json): loading adds `lora_scale * (lora_a @ lora_b)` to that linear's weight.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.tuner.lora import LoRALinear
 
 from .cache import FLOAT_DTYPES, all_finite
 from .io import copy_side_files, save_model_folder, write_atomically
@@ -25,6 +30,12 @@ ADAPTER_WEIGHTS, ADAPTER_JSON = "adapter.safetensors", "adapter.json"
 ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_JSON)
 # What can train: the injection blocks, the upper model's top N-M layers, the output head.
 GROUPS = ("injection", "upper", "head")
+# The linear layers of a decoder layer that a LoRA adapts.
+LORA_LINEARS = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)  # fmt: skip
+LORA_FACTORS = (".lora_a", ".lora_b")
 
 
 def trainable_modules(
@@ -87,6 +98,54 @@ def trainable_names(model: SharedLLM) -> set[str]:
     }
 
 
+def add_lora(
+    model: SharedLLM,
+    layers: tuple[int, ...],
+    rank: int,
+    scale: float,
+    linears: tuple[str, ...] = LORA_LINEARS,
+) -> None:
+    """Wrap the named linears (default: all) of the given upper layers in a trainable LoRA
+    (mlx-lm's LoRALinear; the wrapped weights stay frozen). Only layers at or above the
+    injection layers qualify: the compressor below them must not change."""
+    m, n = model.config.num_injection_layers, len(model.layers)
+    bad = [i for i in layers if not m <= i < n]
+    if bad:
+        raise ValueError(f"a LoRA adapts only the upper layers {m}..{n - 1}, not {bad}")
+    unknown = sorted(set(linears) - set(LORA_LINEARS))
+    if unknown:
+        raise ValueError(f"{unknown} are not among the linears a LoRA adapts: {LORA_LINEARS}")
+    for i in layers:
+        for path in linears:
+            parent_name, name = path.split(".")
+            parent = getattr(model.layers[i], parent_name)
+            lora = LoRALinear.from_base(getattr(parent, name), r=rank, scale=scale)
+            lora.linear.freeze()
+            setattr(parent, name, lora)
+
+
+def fuse_lora(
+    params: dict[str, mx.array], weights: dict[str, mx.array], scale: float
+) -> dict[str, mx.array]:
+    """The adapter's weights with each pair of LoRA factors replaced by the weight of the
+    linear it adapts, fused (that linear's weight in `params` plus the LoRA's delta)."""
+    fused = {k: v for k, v in weights.items() if not k.endswith(LORA_FACTORS)}
+    linears = {k[: -len(".lora_a")] for k in weights if k.endswith(LORA_FACTORS)}
+    for linear in sorted(linears):
+        a, b = weights.get(f"{linear}.lora_a"), weights.get(f"{linear}.lora_b")
+        if a is None or b is None:
+            raise ValueError(f"{linear} has one LoRA factor without the other")
+        weight = params.get(f"{linear}.weight")
+        if weight is None or not linear.endswith(LORA_LINEARS):
+            raise ValueError(f"{linear} is not a linear that a LoRA adapts")
+        if (b.shape[1], a.shape[0]) != weight.shape or a.shape[1] != b.shape[0]:
+            shapes = f"{a.shape}, {b.shape}"
+            raise ValueError(f"{linear}: LoRA factors {shapes} do not fit {weight.shape}")
+        delta = (scale * b.T.astype(mx.float32)) @ a.T.astype(mx.float32)
+        fused[f"{linear}.weight"] = weight.astype(mx.float32) + delta
+    return fused
+
+
 def save_adapter(
     folder: str | Path, model: SharedLLM, base_fingerprint: str, extra: dict | None = None
 ) -> None:
@@ -123,6 +182,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, mx.array]]
         raise ValueError(f"{path} is not an adapter (format {meta.get('format')!r})")
     try:
         _check_listed(meta.get("parameters"), weights)
+        _check_lora_scale(meta, weights)
         Settings.from_dict({key: meta[key] for key in keys(IN_ADAPTERS) if key in meta})
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
@@ -141,6 +201,14 @@ def _check_listed(listed: Any, weights: dict[str, mx.array]) -> None:
     for name, value in weights.items():
         if listed[name] != list(value.shape):
             raise ValueError(f"{name} has shape {value.shape}, listed as {listed[name]}")
+
+
+def _check_lora_scale(meta: dict[str, Any], weights: dict[str, mx.array]) -> None:
+    """LoRA factors come with a positive `lora_scale`."""
+    if any(k.endswith(LORA_FACTORS) for k in weights):
+        scale = meta.get("lora_scale")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ValueError(f"LoRA factors need a positive lora_scale, not {scale!r}")
 
 
 def _check_weights(
@@ -179,6 +247,7 @@ def load_adapter(
         )
     params = dict(tree_flatten(model.parameters()))
     try:
+        weights = fuse_lora(params, weights, float(meta.get("lora_scale", 0.0)))
         _check_weights(params, trainable_names(model), weights)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None

@@ -512,3 +512,38 @@ def test_reader_alone_builds_the_message_that_focus_gives_a_needle_question():
     assert first.startswith(f"Question: {q.prompt}") and first.endswith(f"Question: {q.prompt}")
     system, user = ra.message(q, plan, "system")
     assert system["role"] == "system" and user["content"] == ra.message(q, plan, "shipped")
+
+
+# -- the reader's training examples (recipes/smollm2/reader_data.py) ---------------------
+
+
+def test_reader_examples_answer_from_their_lines_with_words_new_to_the_suite_and_probe():
+    import probe_kinds as pk
+    import reader_data as rd
+
+    pools = (sd.FIRST_NAMES, sd.SURNAMES, sd.PLACES, sd.MATERIALS, sd.OBJECTS, sd.WORDS,
+             sd.PHRASE_ADJECTIVES, sd.PHRASE_NOUNS)  # fmt: skip
+    suite = {w.lower() for pool in pools for w in pool}
+    suite |= {w for attrs in sd.ATTRIBUTES.values() for a in attrs for w in a.split()}
+    probe = {w.lower() for pool in (pk.FIRST, pk.LAST, pk.TOWNS, pk.ADJECTIVES, pk.NOUNS,
+             pk.COLOURS) for item in pool for w in item.split()}  # fmt: skip
+    assert not rd.pool_words() & (suite | probe)
+    filler = rd.filler_sentences("Short. " + " ".join(f"{n} {v} the {n}." for n, v in
+                                 zip(NOUNS, VERBS)) * 2 + " " + "word " * 60 + ".")  # fmt: skip
+    assert filler and all(6 <= len(s.split()) <= 50 for s in filler)
+    kinds = set()
+    for seed in range(200):
+        e = rd.reader_example(np.random.default_rng(seed), filler, list_share=0.3)
+        text = "\n".join(e.lines)
+        assert e.question.strip() and e.question.endswith((".", "?"))
+        assert all(v.lower() in e.answer.lower() for v in e.values)
+        at = [text.lower().index(v.lower()) for v in e.values]
+        assert at == sorted(at)  # listed in the order the lines give them
+        if e.question.startswith(("Whose", "Which one")):
+            kinds.add("who")
+        else:
+            kinds.add("list" if len(e.values) > 1 else "single")
+            facts = [line for line in e.lines if any(v in line for v in e.values)]
+            assert len(facts) == len(e.values)
+            assert all(e.key.lower() in line.lower() for line in facts)
+    assert kinds == {"who", "list", "single"}

@@ -17,11 +17,18 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import SPM_TOKENIZER, run_cli, write_hf_llama
+from conftest import SPM_TOKENIZER, assert_close, run_cli, write_hf_llama
 from mlx.utils import tree_flatten
 
 from mlx_sharedllm import SharedLLM, load, train_data
-from mlx_sharedllm.adapters import fuse, load_adapter, read_adapter, save_adapter, set_trainable
+from mlx_sharedllm.adapters import (
+    add_lora,
+    fuse,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+    set_trainable,
+)
 from mlx_sharedllm.cli.train_cli import fuse_command, train_command
 from mlx_sharedllm.generate import generate
 from mlx_sharedllm.losses import example_loss
@@ -696,3 +703,53 @@ def test_the_description_is_never_replaced_and_adapters_carry_settings(tmp_path)
     assert fresh.injection == "trained" and tree.num_entries > 16
     assert mx.allclose(fresh(inputs, tree), sharpened)
     assert not mx.allclose(fresh(inputs, tree, settings=facts_model().settings), sharpened)
+
+
+def test_a_reader_lora_on_the_upper_layers_loads_fused_and_leaves_the_tree(zero_model, tmp_path):
+    model, _ = load(zero_model)
+    context = mx.arange(64) % 300
+    tree = model.compress(context, mx.array([5]))
+    fingerprint = model.fingerprint()
+    model.freeze()
+    m, n = model.config.num_injection_layers, len(model.layers)
+    with pytest.raises(ValueError, match="only the upper layers"):
+        add_lora(model, (m - 1,), rank=2, scale=4.0)
+    add_lora(model, tuple(range(m, n)), rank=2, scale=4.0)
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    assert trainable and all(k.endswith((".lora_a", ".lora_b")) for k in trainable)
+    assert {int(k.split(".")[2]) for k in trainable} == set(range(m, n))
+    rng = np.random.default_rng(0)
+    model.load_weights(
+        [(k, mx.array(rng.normal(0, 0.05, v.shape), v.dtype)) for k, v in trainable.items()],
+        strict=False,
+    )
+    inputs = mx.array([[5, 6, 7]])
+    adapted = model(inputs, tree=tree)
+    save_adapter(tmp_path / "a", model, fingerprint, extra={"lora_scale": 4.0})
+
+    fresh, _ = load(zero_model)
+    assert not mx.allclose(fresh(inputs, tree=tree), adapted, atol=1e-4)
+    load_adapter(fresh, tmp_path / "a")
+    assert_close(fresh(inputs, tree=tree), adapted, atol=1e-5)
+    # The compressor is below the LoRA: the same context gives the same tree.
+    again = fresh.compress(context, mx.array([5]))
+    for ours, theirs in zip(again.keys, tree.keys):
+        assert_close(ours, theirs, atol=0)
+
+    meta = json.loads((tmp_path / "a" / "adapter.json").read_text())
+    weights = mx.load(str(tmp_path / "a" / "adapter.safetensors"))
+    broken = {
+        "no scale": ({k: v for k, v in meta.items() if k != "lora_scale"}, weights, "lora_scale"),
+        "one factor": (meta, {k: v for k, v in weights.items() if "q_proj.lora_b" not in k}, None),
+    }
+    for name, (bad_meta, bad_weights, message) in broken.items():
+        folder = tmp_path / name.replace(" ", "-")
+        folder.mkdir()
+        if message is None:
+            listed = {k: list(v.shape) for k, v in bad_weights.items()}
+            bad_meta = {**bad_meta, "parameters": listed}
+            message = "one LoRA factor without the other"
+        mx.save_safetensors(str(folder / "adapter.safetensors"), bad_weights)
+        (folder / "adapter.json").write_text(json.dumps(bad_meta))
+        with pytest.raises(ValueError, match=message):
+            load_adapter(load(zero_model)[0], folder)
