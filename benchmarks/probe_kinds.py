@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import uuid
@@ -148,10 +149,15 @@ KINDS = tuple(p.kind for p in probes(np.random.default_rng(0)))
 
 
 def found(want: tuple[str, ...], answer: str) -> bool:
-    """Every wanted value in the answer: case ignored, thousands separators dropped."""
+    """Every wanted value stands whole in the answer (no letter or digit runs on into it
+    on either side: a day "24" is not found in "1724"): case ignored, thousands
+    separators dropped."""
     text = answer.lower()
-    flat = text.replace(",", "")
-    return all(w.lower() in text or w.lower() in flat for w in want)
+    return all(_whole(w.lower(), text) or _whole(w.lower(), text.replace(",", "")) for w in want)
+
+
+def _whole(value: str, text: str) -> bool:
+    return re.search(rf"(?<![0-9a-z]){re.escape(value)}(?![0-9a-z])", text) is not None
 
 
 def check_pools() -> None:

@@ -494,6 +494,8 @@ def test_probe_kinds_draw_fresh_facts_and_score_values_leniently(tokenizer, hays
     assert pk.found(("13368",), "The orchard has 13,368 trees.")
     assert pk.found(("NV-3967",), "the code is nv-3967")
     assert not pk.found(("24", "March", "1722"), "It was sealed on 24 March 1721.")
+    assert not pk.found(("4", "March", "1722"), "It was sealed on 24 March 1722.")
+    assert not pk.found(("mauve",), "a mauves shade") and pk.found(("mauve",), "Mauve.")
     facts = [sd.Fact(p.fact, d) for p, d in zip(asked, np.linspace(0.05, 0.95, len(asked)))]
     check_insertion(tokenizer, haystack, facts, 512)
 
