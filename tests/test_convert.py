@@ -105,7 +105,10 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-# Converts argv[1] to argv[2], pausing with a file in the temporary output folder.
+# Converts argv[1] to argv[2], pausing with a file in the temporary output folder. The
+# pause is many short sleeps: a SIGINT that the kernel hands to another thread (OpenBLAS
+# starts some) does not cut the main thread's sleep short, and Python runs its handler
+# only when the main thread wakes.
 PAUSED_CONVERSION = """
 import sys, time
 import mlx_sharedllm
@@ -114,7 +117,8 @@ from mlx_sharedllm.cli.main import cli
 
 def paused_save(folder, model, config):
     (folder / "paused").write_text("")
-    time.sleep(120)
+    for _ in range(1200):
+        time.sleep(0.1)
 
 checkpoint.save_model_folder = paused_save
 cli(["convert", *sys.argv[1:]])
